@@ -1,0 +1,52 @@
+// Python module nreft_engine._C: the block manager and the CPU/CUDA cache ops.
+#include <torch/extension.h>
+
+#include "block_manager.h"
+#include "cache_ops.h"
+
+namespace py = pybind11;
+using nreft::BlockManager;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "nreft-engine native ops: paged KV block manager and cache ops";
+  // std::invalid_argument -> ValueError and std::runtime_error -> RuntimeError come from pybind11.
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const nreft::UnknownSequence& e) {
+      PyErr_SetString(PyExc_KeyError, e.what());
+    }
+  });
+
+  py::class_<BlockManager>(m, "BlockManager",
+                           "Block tables, ref counts, copy-on-write and free list of the paged KV cache.")
+      .def(py::init<int64_t, int64_t>(), py::arg("num_blocks"), py::arg("block_size"))
+      .def("can_allocate", &BlockManager::can_allocate, py::arg("num_tokens"))
+      .def("allocate", &BlockManager::allocate, py::arg("seq_id"), py::arg("num_tokens"),
+           "Give a new sequence ceil(num_tokens / block_size) blocks.")
+      .def("can_append", &BlockManager::can_append, py::arg("seq_id"))
+      .def("append_slot", &BlockManager::append_slot, py::arg("seq_id"),
+           "Reserve one more token; returns (slot, [(src_block, dst_block), ...] copies to do first).")
+      .def("fork", &BlockManager::fork, py::arg("parent_id"), py::arg("child_id"),
+           "The child shares the parent's blocks (ref counts +1).")
+      .def("free", &BlockManager::free, py::arg("seq_id"))
+      .def("block_table", &BlockManager::block_table, py::arg("seq_id"))
+      .def("num_tokens", &BlockManager::num_tokens, py::arg("seq_id"))
+      .def("ref_count", &BlockManager::ref_count, py::arg("block_id"))
+      .def("has_sequence", &BlockManager::has_sequence, py::arg("seq_id"))
+      .def("slot_mapping", &BlockManager::slot_mapping, py::arg("seq_id"), py::arg("start"), py::arg("end"),
+           "int64 slots of token positions [start, end).")
+      .def("block_tables", &BlockManager::block_tables, py::arg("seq_ids"), py::arg("width"),
+           "int32 [len(seq_ids), width] block tables, rows padded with 0.")
+      .def_property_readonly("num_blocks", &BlockManager::num_blocks)
+      .def_property_readonly("block_size", &BlockManager::block_size)
+      .def_property_readonly("num_free_blocks", &BlockManager::num_free_blocks)
+      .def_property_readonly("num_used_blocks", &BlockManager::num_used_blocks)
+      .def_property_readonly("num_sequences", &BlockManager::num_sequences);
+
+  m.def("write_kv", &nreft::write_kv, py::arg("k"), py::arg("v"), py::arg("k_cache_layer"),
+        py::arg("v_cache_layer"), py::arg("slot_mapping"),
+        "Write k, v [T, KVH, D] into [num_blocks, block_size, KVH, D] caches at slot_mapping (< 0 skips).");
+  m.def("copy_blocks", &nreft::copy_blocks, py::arg("k_cache"), py::arg("v_cache"), py::arg("src_dst"),
+        "Copy block src to dst in every layer of [L, num_blocks, block_size, KVH, D] caches.");
+}

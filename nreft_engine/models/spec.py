@@ -1,0 +1,108 @@
+"""ModelSpec: the shape facts the engine needs about a supported decoder, read from a HF config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# HF model_type -> the engine's decoder family (mistral is llama without biases).
+SUPPORTED_MODEL_TYPES: dict[str, str] = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+}
+# RoPE types whose frequencies change with the running sequence length: fixed tables cannot match them.
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture or an option of it is not one the engine's decoder implements."""
+
+
+def _describe(config: Any) -> str:
+    archs = ", ".join(getattr(config, "architectures", None) or []) or "unknown architecture"
+    return f"{archs} (model_type {getattr(config, 'model_type', None)!r})"
+
+
+def _unsupported(config: Any, why: str) -> UnsupportedModelError:
+    supported = ", ".join(SUPPORTED_MODEL_TYPES)
+    return UnsupportedModelError(f"{_describe(config)}: {why}. Supported model types: {supported}.")
+
+
+def _rope_type(config: Any) -> str:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return params.get("rope_type", params.get("type", "default"))
+
+
+def _eos_ids(*sources: Any) -> tuple[int, ...]:
+    ids: list[int] = []
+    for source in sources:
+        value = getattr(source, "eos_token_id", None)
+        for token in [value] if isinstance(value, int) else (value or []):
+            if token not in ids:
+                ids.append(int(token))
+    return tuple(ids)
+
+
+def check_supported(config: Any) -> str:
+    """Return the engine family of `config`, or raise UnsupportedModelError saying what is not supported."""
+    family = SUPPORTED_MODEL_TYPES.get(getattr(config, "model_type", None))
+    if family is None:
+        raise _unsupported(config, "this architecture is not supported")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise _unsupported(config, f"hidden_act {config.hidden_act!r} is not supported (only 'silu')")
+    if getattr(config, "mlp_bias", False):
+        raise _unsupported(config, "MLP biases (mlp_bias=True) are not supported")
+    if _rope_type(config) in _LENGTH_DEPENDENT_ROPE:
+        raise _unsupported(config, f"rope type {_rope_type(config)!r} depends on sequence length")
+    return family
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Dimensions and options of a llama / qwen2 / qwen3 decoder.
+
+    Sliding-window attention (e.g. mistral's `sliding_window`) is ignored: the engine always attends to
+    the full context, which differs from HF only for sequences longer than the window.
+    """
+
+    family: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    qk_norm: bool
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_config(cls, config: Any, generation_config: Any = None) -> ModelSpec:
+        """Build the spec from a HF config (and its generation config, for extra EOS ids)."""
+        family = check_supported(config)
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        num_heads = config.num_attention_heads
+        return cls(
+            family=family,
+            num_layers=config.num_hidden_layers,
+            hidden_size=config.hidden_size,
+            num_heads=num_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
+            intermediate_size=config.intermediate_size,
+            vocab_size=config.vocab_size,
+            rms_norm_eps=float(config.rms_norm_eps),
+            max_position_embeddings=config.max_position_embeddings,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=family == "qwen2" or attention_bias,
+            o_bias=family != "qwen2" and attention_bias,
+            qk_norm=family == "qwen3",
+            eos_token_ids=_eos_ids(config, generation_config),
+        )

@@ -1,0 +1,64 @@
+"""The one dispatch point for kernels: Triton for CUDA tensors, the torch reference otherwise.
+
+Every op of the decode/prefill step goes through here, so a new backend is one change in one place.
+`NREFT_FORCE_TRITON=1` sends CPU tensors to the Triton kernels too (with TRITON_INTERPRET=1), which is
+how the engine's Triton path is checked on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from nreft_engine.kernels import activation as activation_kernels
+from nreft_engine.kernels import paged_attention as paged_attention_kernels
+from nreft_engine.kernels import prefill_attention as prefill_attention_kernels
+from nreft_engine.kernels import rms_norm as rms_norm_kernels
+from nreft_engine.kernels import rope as rope_kernels
+from nreft_engine.kernels import sampler as sampler_kernels
+
+__all__ = ["rms_norm", "rope_write_kv", "paged_decode_attention", "prefill_attention", "silu_and_mul", "sample"]
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when `t` should go to a Triton kernel."""
+    return t.is_cuda or os.environ.get("NREFT_FORCE_TRITON") == "1"
+
+
+def _pick(module, name: str, t: torch.Tensor):
+    triton_fn = getattr(module, f"{name}_triton", None)
+    if triton_fn is not None and use_triton(t):
+        return triton_fn
+    return getattr(module, f"{name}_reference")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """(rmsnorm(x + residual) * weight, x + residual); see kernels/rms_norm.py."""
+    return _pick(rms_norm_kernels, "rms_norm", x)(x, weight, eps, residual)
+
+
+def rope_write_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping):
+    """Rotate q, k and write k, v into the paged cache; see kernels/rope.py."""
+    return _pick(rope_kernels, "rope_write_kv", q)(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
+    """One query token per sequence over its paged context; see kernels/paged_attention.py."""
+    fn = _pick(paged_attention_kernels, "paged_decode_attention", q)
+    return fn(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def prefill_attention(q, k, v, cu_seqlens, scale: float) -> torch.Tensor:
+    """Causal attention over packed prompts; see kernels/prefill_attention.py."""
+    return _pick(prefill_attention_kernels, "prefill_attention", q)(q, k, v, cu_seqlens, scale)
+
+
+def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up; see kernels/activation.py."""
+    return _pick(activation_kernels, "silu_and_mul", gate)(gate, up)
+
+
+def sample(logits, temperature, top_k, top_p, min_p, uniform) -> tuple[torch.Tensor, torch.Tensor]:
+    """Filter, sample with the given uniforms, and return (tokens, exact log-probs); see kernels/sampler.py."""
+    return _pick(sampler_kernels, "sample", logits)(logits, temperature, top_k, top_p, min_p, uniform)

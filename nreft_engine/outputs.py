@@ -1,0 +1,56 @@
+"""What `Engine.generate` returns: vLLM-style RequestOutput / CompletionOutput, plus run statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CompletionOutput:
+    """One sampled completion. `logprobs[i]` is the behaviour log-prob of `token_ids[i]`."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    cumulative_logprob: float
+    finish_reason: str
+    top_logprobs: list[dict[int, float]] | None = None
+
+
+@dataclass
+class RequestOutput:
+    """The n completions of one prompt, and the layers the behaviour model skipped while sampling them."""
+
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    skipped_layers: tuple[int, ...]
+    finished: bool = True
+
+
+@dataclass
+class GenerationStats:
+    """Counters and timings of one `generate` call."""
+
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    num_preemptions: int = 0
+    peak_running: int = 0
+    kv_cache_bytes: int = 0
+    num_blocks: int = 0
+    used_blocks_at_end: int = 0
+    skipped_layers: tuple[int, ...] = field(default_factory=tuple)
+
+    @property
+    def seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second of the whole call (prefill included)."""
+        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0

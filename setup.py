@@ -1,0 +1,30 @@
+"""Builds nreft_engine._C from csrc/: C++ always, CUDA sources when the installed torch has CUDA (and nvcc
+is found). The C++ standard is left to torch, which passes the one its headers need."""
+
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def extension():
+    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    use_cuda = (
+        torch.version.cuda is not None
+        and CUDA_HOME is not None
+        and os.environ.get("NREFT_NO_CUDA", "0") != "1"
+    )
+    if use_cuda:
+        cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+        return CUDAExtension(
+            "nreft_engine._C",
+            cpp + cu,
+            define_macros=[("NREFT_WITH_CUDA", None)],
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+        )
+    return CppExtension("nreft_engine._C", cpp, extra_compile_args=["-O3"])
+
+
+setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})

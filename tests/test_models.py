@@ -1,0 +1,170 @@
+"""Model loading, specs, weight views and RoPE tables (nreft_engine.models)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import huggingface_hub.constants
+import pytest
+import torch
+from tiny_models import TINY_FAMILIES, make_tiny_model, save_tiny_model
+from transformers import AutoConfig
+
+from nreft_engine.models import (
+    DEFAULT_MODEL,
+    SUPPORTED_MODEL_TYPES,
+    DecoderWeights,
+    ModelSpec,
+    UnsupportedModelError,
+    load_model,
+    prepare_model,
+    rope_tables,
+)
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize(
+    "family, expected",
+    [
+        (
+            "llama",
+            {
+                "family": "llama",
+                "head_dim": 16,
+                "qkv_bias": False,
+                "qk_norm": False,
+                "tie_word_embeddings": True,
+            },
+        ),
+        ("qwen2", {"family": "qwen2", "head_dim": 16, "qkv_bias": True, "o_bias": False, "qk_norm": False}),
+        ("qwen3", {"family": "qwen3", "head_dim": 32, "qkv_bias": False, "qk_norm": True}),
+        ("llama-untied", {"family": "llama", "tie_word_embeddings": False}),
+    ],
+)
+def test_spec_per_family(family, expected):
+    spec = prepare_model(make_tiny_model(family))
+    assert (spec.num_layers, spec.hidden_size, spec.num_heads, spec.num_kv_heads) == (4, 64, 4, 2)
+    assert (spec.vocab_size, spec.intermediate_size, spec.eos_token_ids) == (128, 128, (2,))
+    for key, value in expected.items():
+        assert getattr(spec, key) == value, key
+
+
+def test_spec_mistral_maps_to_llama_and_eos_lists_merge():
+    config = AutoConfig.for_model("mistral", num_hidden_layers=2, eos_token_id=[2, 7])
+    generation_config = type("GenerationConfig", (), {"eos_token_id": [7, 9]})()
+    spec = ModelSpec.from_config(config, generation_config)
+    assert spec.family == "llama" and spec.eos_token_ids == (2, 7, 9)
+
+
+def test_spec_llama_attention_bias_includes_o_proj():
+    spec = prepare_model(make_tiny_model("llama", attention_bias=True))
+    weights = DecoderWeights.from_model(make_tiny_model("llama", attention_bias=True))
+    assert spec.qkv_bias and spec.o_bias and weights.layers[0].o_bias is not None
+
+
+@pytest.mark.parametrize("family", list(TINY_FAMILIES))
+def test_weight_views_share_storage(family):
+    model = make_tiny_model(family)
+    weights = DecoderWeights.from_model(model)
+    layer, hf_layer = weights.layers[1], model.model.layers[1]
+    assert len(weights.layers) == 4
+    assert layer.q.data_ptr() == hf_layer.self_attn.q_proj.weight.data_ptr()
+    assert layer.down.data_ptr() == hf_layer.mlp.down_proj.weight.data_ptr()
+    assert (weights.lm_head is weights.embed) == model.config.tie_word_embeddings
+    assert (layer.q_bias is not None) == (family == "qwen2")
+    assert (layer.q_norm is not None) == (family == "qwen3")
+    with torch.no_grad():
+        hf_layer.mlp.gate_proj.weight.add_(1.0)
+        model.lm_head.weight.mul_(2.0)
+    assert torch.equal(layer.gate, hf_layer.mlp.gate_proj.weight)
+    assert torch.equal(weights.lm_head, model.lm_head.weight)
+    assert not layer.q.requires_grad
+
+
+@pytest.mark.parametrize(
+    "family, overrides",
+    [
+        ("llama", {}),
+        ("qwen3", {}),
+        ("llama3-rope", {}),
+        ("llama", {"rope_scaling": YARN}),
+    ],
+)
+def test_rope_tables_match_hf_rotary_embedding(family, overrides):
+    model = make_tiny_model(family, **overrides)
+    cos, sin = rope_tables(model, 200, "cpu")
+    half = prepare_model(model).head_dim // 2
+    assert cos.shape == sin.shape == (200, half) and cos.dtype == torch.float32
+    x = torch.zeros(1, dtype=torch.float32)
+    hf_cos, hf_sin = model.model.rotary_emb(x, torch.arange(200)[None])
+    for ours, theirs in ((cos, hf_cos[0]), (sin, hf_sin[0])):
+        assert torch.equal(ours, theirs[:, :half]) and torch.equal(ours, theirs[:, half:])
+    if "rope_scaling" in overrides:
+        assert model.model.rotary_emb.attention_scaling != 1.0  # yarn scales cos/sin
+
+
+def test_load_saved_tiny_model_dir(tmp_path):
+    model = make_tiny_model("qwen2", seed=3)
+    loaded, tokenizer = load_model(save_tiny_model(model, str(tmp_path / "tiny")), dtype=torch.bfloat16)
+    assert tokenizer is None and not loaded.training and loaded.dtype == torch.bfloat16
+    assert prepare_model(loaded) == prepare_model(model)
+    for (name, ours), theirs in zip(loaded.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(ours, theirs.to(torch.bfloat16)), name
+
+
+def test_unsupported_architecture_is_rejected_before_loading_weights(tmp_path):
+    AutoConfig.for_model("gpt2", n_layer=1, architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel") as info:
+        load_model(str(tmp_path))  # no weight file: failing later would be an OSError
+    assert all(name in str(info.value) for name in SUPPORTED_MODEL_TYPES)
+
+
+def test_length_dependent_rope_is_rejected():
+    config = AutoConfig.for_model("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(UnsupportedModelError, match="dynamic"):
+        ModelSpec.from_config(config)
+
+
+def test_prepare_model_rejects_non_models():
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        prepare_model(torch.nn.Linear(2, 2))
+
+
+def test_missing_path_and_unknown_name(tmp_path):
+    with pytest.raises(FileNotFoundError, match=DEFAULT_MODEL):
+        load_model(str(tmp_path / "nothing" / "here"))
+    with pytest.raises(ValueError, match=f"'no-such-model'.*{DEFAULT_MODEL}"):
+        load_model("no-such-model")
+
+
+def test_unreachable_hub_id(monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="neither a local path nor reachable on the Hugging Face hub"):
+        load_model("nreft-test/no-such-model")
+
+
+@pytest.mark.slow
+def test_embedded_gguf_loads_then_comes_from_cache(tmp_path):
+    start = time.perf_counter()
+    model, tokenizer = load_model(DEFAULT_MODEL, cache_dir=str(tmp_path))
+    first = time.perf_counter() - start
+    (cached_dir,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    assert (cached_dir / "model.safetensors").is_file()
+    assert json.loads((cached_dir / "config.json").read_text())["model_type"] == "llama"
+
+    start = time.perf_counter()
+    again, tokenizer_again = load_model(DEFAULT_MODEL, cache_dir=str(tmp_path))
+    second = time.perf_counter() - start
+    print(f"\nGGUF first load (convert + cache) {first:.1f}s, cached load {second:.1f}s")
+    assert second < first
+
+    spec = prepare_model(model)
+    assert (spec.family, spec.num_layers, spec.hidden_size, spec.num_kv_heads) == ("llama", 30, 576, 3)
+    assert spec.tie_word_embeddings and spec.eos_token_ids == (2,)
+    for (name, ours), theirs in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(ours, theirs), name
+    ids = tokenizer("What is 2 + 3?").input_ids
+    assert ids == tokenizer_again("What is 2 + 3?").input_ids and tokenizer.decode(ids) == "What is 2 + 3?"
+    assert tokenizer.chat_template is not None
