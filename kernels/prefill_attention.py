@@ -28,8 +28,8 @@ def prefill_attention_reference(
 # Triton kernel (flash-attention forward over packed varlen prompts) + flash-attn when importable
 # --------------------------------------------------------------------------------------------------
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import triton
+import triton.language as tl
 
 try:  # optional extra: `pip install nreft-engine[flash]`
     from flash_attn import flash_attn_varlen_func as _flash_varlen
@@ -54,16 +54,34 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _attend_tile(
-    q, m_i, l_i, acc, k_base, v_base, stride_kt, stride_vt, q_pos, seq_len, lo, hi, qk_scale,
-    d, dmask, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    q,
+    m_i,
+    l_i,
+    acc,
+    k_base,
+    v_base,
+    stride_kt,
+    stride_vt,
+    q_pos,
+    seq_len,
+    lo,
+    hi,
+    qk_scale,
+    d,
+    dmask,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Online-softmax accumulation of keys [lo, hi) (positions local to the sequence)."""
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         kpos = n0 + offs_n
         kmask = kpos < seq_len
-        k = tl.load(k_base + kpos[:, None] * stride_kt + d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
-        v = tl.load(v_base + kpos[:, None] * stride_vt + d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
+        kv_mask = kmask[:, None] & dmask[None, :]
+        k = tl.load(k_base + kpos[:, None] * stride_kt + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + kpos[:, None] * stride_vt + d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), IEEE, UPCAST)
         s = s * qk_scale
         if MASKED:
@@ -81,11 +99,29 @@ def _attend_tile(
 
 @triton.jit
 def _prefill_attention_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, tile_cu_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    n_seqs, qk_scale,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    cu_ptr,
+    tile_cu_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    n_seqs,
+    qk_scale,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Grid (query tiles of all sequences, upper bound; query heads). tile_cu [B+1] is the prefix sum
     of each sequence's tile count, computed on the device, so the launch needs no host sync."""
@@ -121,12 +157,49 @@ def _prefill_attention_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
         # keys before the tile's first query: no mask needed
-        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_base, v_base, stride_kt, stride_vt, q_pos, seq_len,
-                                     0, m_start, qk_scale, d, dmask, BLOCK_N, False, IEEE, UPCAST)
+        m_i, l_i, acc = _attend_tile(
+            q,
+            m_i,
+            l_i,
+            acc,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            q_pos,
+            seq_len,
+            0,
+            m_start,
+            qk_scale,
+            d,
+            dmask,
+            BLOCK_N,
+            False,
+            IEEE,
+            UPCAST,
+        )
         # the diagonal: causal + length mask
-        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_base, v_base, stride_kt, stride_vt, q_pos, seq_len,
-                                     m_start, tl.minimum(m_start + BLOCK_M, seq_len), qk_scale, d, dmask,
-                                     BLOCK_N, True, IEEE, UPCAST)
+        m_i, l_i, acc = _attend_tile(
+            q,
+            m_i,
+            l_i,
+            acc,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            q_pos,
+            seq_len,
+            m_start,
+            tl.minimum(m_start + BLOCK_M, seq_len),
+            qk_scale,
+            d,
+            dmask,
+            BLOCK_N,
+            True,
+            IEEE,
+            UPCAST,
+        )
         out = acc / l_i[:, None]
         tl.store(
             o_ptr + (seq_start + q_pos[:, None]) * stride_ot + h * stride_oh + d[None, :],
@@ -136,8 +209,13 @@ def _prefill_attention_kernel(
 
 
 def _prefill_attention_triton_kernel(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
-    block_m: int | None = None, block_n: int | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scale: float,
+    block_m: int | None = None,
+    block_n: int | None = None,
 ) -> torch.Tensor:
     tokens, heads, dim = q.shape
     kv_heads = k.shape[1]
@@ -149,7 +227,7 @@ def _prefill_attention_triton_kernel(
         return out
     d_pad = triton.next_power_of_2(dim)
     if block_m is None:
-        block_m = 128 if q.is_cuda else 64
+        block_m = 128 if q.is_cuda and q.dtype != torch.float32 else 64
     if block_n is None:
         block_n = 64 if d_pad <= 128 else 32
     assert block_m % block_n == 0
@@ -160,14 +238,31 @@ def _prefill_attention_triton_kernel(
     grid = (triton.cdiv(tokens, block_m) + n_seqs, heads)
     num_warps = 8 if (block_m >= 128 and d_pad >= 128) else 4
     _prefill_attention_kernel[grid](
-        q, k, v, out, cu, tile_cu,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1),
-        n_seqs, float(scale) * _LOG2E,
-        GROUP=heads // kv_heads, HEAD_DIM=dim, D_PAD=d_pad,
-        BLOCK_M=block_m, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
+        q,
+        k,
+        v,
+        out,
+        cu,
+        tile_cu,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        n_seqs,
+        float(scale) * _LOG2E,
+        GROUP=heads // kv_heads,
+        HEAD_DIM=dim,
+        D_PAD=d_pad,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        IEEE=q.dtype == torch.float32,
         UPCAST=not q.is_cuda and q.dtype != torch.float32,
-        num_warps=num_warps, num_stages=3,
+        num_warps=num_warps,
+        num_stages=3,
     )
     return out
 

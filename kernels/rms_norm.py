@@ -20,8 +20,8 @@ def rms_norm_reference(
 # Triton kernel
 # --------------------------------------------------------------------------------------------------
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import triton
+import triton.language as tl
 
 
 @triton.jit

@@ -45,14 +45,25 @@ def rope_write_kv_reference(
 # Triton kernel
 # --------------------------------------------------------------------------------------------------
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import triton
+import triton.language as tl
 
 
 @triton.jit
 def _rotate_heads(
-    src_ptr, dst_ptr, stride_st, stride_sh, stride_dt, stride_dh, tok, n_heads, c, s,
-    HALF: tl.constexpr, HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
+    src_ptr,
+    dst_ptr,
+    stride_st,
+    stride_sh,
+    stride_dt,
+    stride_dh,
+    tok,
+    n_heads,
+    c,
+    s,
+    HALF: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+    HALF_PAD: tl.constexpr,
 ):
     """Rotate all heads of one token (HF rotate_half on the two halves of D); return the rotated halves."""
     heads = tl.arange(0, HEADS_PAD)[:, None]
@@ -72,13 +83,37 @@ def _rotate_heads(
 
 @triton.jit
 def _rope_write_kv_kernel(
-    q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, qo_ptr, ko_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_cos, stride_sin,
-    stride_qot, stride_qoh, stride_kot, stride_koh,
-    stride_ct, stride_ch,  # cache viewed as [slots, KVH, D]
-    n_q_heads, n_kv_heads,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, QH_PAD: tl.constexpr, KVH_PAD: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    pos_ptr,
+    cos_ptr,
+    sin_ptr,
+    kc_ptr,
+    vc_ptr,
+    slot_ptr,
+    qo_ptr,
+    ko_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cos,
+    stride_sin,
+    stride_qot,
+    stride_qoh,
+    stride_kot,
+    stride_koh,
+    stride_ct,
+    stride_ch,  # cache viewed as [slots, KVH, D]
+    n_q_heads,
+    n_kv_heads,
+    HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    QH_PAD: tl.constexpr,
+    KVH_PAD: tl.constexpr,
 ):
     """One token per program: rotate q and k, store q_rot/k_rot, write k_rot and v into the cache slot."""
     tok = tl.program_id(0).to(tl.int64)
@@ -86,10 +121,36 @@ def _rope_write_kv_kernel(
     d = tl.arange(0, HALF_PAD)[None, :]
     c = tl.load(cos_ptr + pos * stride_cos + d, mask=d < HALF, other=0.0).to(tl.float32)
     s = tl.load(sin_ptr + pos * stride_sin + d, mask=d < HALF, other=0.0).to(tl.float32)
-    _rotate_heads(q_ptr, qo_ptr, stride_qt, stride_qh, stride_qot, stride_qoh, tok, n_q_heads, c, s,
-                  HALF, QH_PAD, HALF_PAD)
-    k1, k2, kmask = _rotate_heads(k_ptr, ko_ptr, stride_kt, stride_kh, stride_kot, stride_koh, tok,
-                                  n_kv_heads, c, s, HALF, KVH_PAD, HALF_PAD)
+    _rotate_heads(
+        q_ptr,
+        qo_ptr,
+        stride_qt,
+        stride_qh,
+        stride_qot,
+        stride_qoh,
+        tok,
+        n_q_heads,
+        c,
+        s,
+        HALF,
+        QH_PAD,
+        HALF_PAD,
+    )
+    k1, k2, kmask = _rotate_heads(
+        k_ptr,
+        ko_ptr,
+        stride_kt,
+        stride_kh,
+        stride_kot,
+        stride_koh,
+        tok,
+        n_kv_heads,
+        c,
+        s,
+        HALF,
+        KVH_PAD,
+        HALF_PAD,
+    )
     slot = tl.load(slot_ptr + tok).to(tl.int64)
     if slot >= 0:
         heads = tl.arange(0, KVH_PAD)[:, None]
@@ -129,14 +190,37 @@ def rope_write_kv_triton(
     vc = v_cache.view(-1, kv_heads, dim)
     half = dim // 2
     _rope_write_kv_kernel[(tokens,)](
-        q, k, v, positions, cos, sin, kc, vc, slot_mapping, q_rot, k_rot,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        cos.stride(0), sin.stride(0),
-        q_rot.stride(0), q_rot.stride(1), k_rot.stride(0), k_rot.stride(1),
-        kc.stride(0), kc.stride(1),
-        q_heads, kv_heads,
-        HALF=half, HALF_PAD=triton.next_power_of_2(half),
-        QH_PAD=triton.next_power_of_2(q_heads), KVH_PAD=triton.next_power_of_2(kv_heads),
+        q,
+        k,
+        v,
+        positions,
+        cos,
+        sin,
+        kc,
+        vc,
+        slot_mapping,
+        q_rot,
+        k_rot,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        cos.stride(0),
+        sin.stride(0),
+        q_rot.stride(0),
+        q_rot.stride(1),
+        k_rot.stride(0),
+        k_rot.stride(1),
+        kc.stride(0),
+        kc.stride(1),
+        q_heads,
+        kv_heads,
+        HALF=half,
+        HALF_PAD=triton.next_power_of_2(half),
+        QH_PAD=triton.next_power_of_2(q_heads),
+        KVH_PAD=triton.next_power_of_2(kv_heads),
         num_warps=4,
     )
     return q_rot, k_rot

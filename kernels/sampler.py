@@ -83,143 +83,174 @@ def sample_reference(
 # Then one pass for the normalizer and one (early-exit) pass for inverse-CDF sampling in vocab order.
 # --------------------------------------------------------------------------------------------------
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import triton
+import triton.language as tl
 
-
-@triton.jit
-def _order_key(x):
-    """fp32 -> int32 with the same order (x < y  <=>  key(x) < key(y)); -0.0 and +0.0 share key 0."""
-    bits = x.to(tl.int32, bitcast=True)
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    return tl.where(bits == -2147483648, 0, key)
-
-
-@triton.jit
-def _load_scaled(row_ptr, offs, vocab, t):
-    """Tempered fp32 logits of one chunk (exactly as torch divides), -inf past the vocabulary."""
-    mask = offs < vocab
-    x = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
-    return tl.math.div_rn(x, t), mask
+# A program handles ROWS rows as one [ROWS, BLOCK] tile (ROWS = 1 on the GPU: a row per program; more
+# under the CPU interpreter, whose cost is per op, not per element). Every loop runs until all its rows are
+# done; a finished row just stops changing. The tempered logits x = logit / t are recomputed in every pass
+# (exactly as torch divides; "+ 0.0" turns -0.0 into +0.0) with their order-preserving int32 keys
+# key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  (x < y <=> key(x) < key(y)). The key math is written out in
+# each pass rather than in a helper: nested jit calls are expensive in the interpreter.
 
 
 @triton.jit
 def _sample_kernel(
-    logits_ptr, temp_ptr, topk_ptr, topp_ptr, minp_ptr, u_ptr, tok_ptr, lp_ptr,
-    stride_row, vocab,
-    BLOCK: tl.constexpr, N_CAND: tl.constexpr,
+    logits_ptr,
+    temp_ptr,
+    topk_ptr,
+    topp_ptr,
+    minp_ptr,
+    u_ptr,
+    tok_ptr,
+    lp_ptr,
+    n_rows,
+    stride_row,
+    vocab,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    N_CAND: tl.constexpr,
 ):
-    """One row per program. Keys are int32; candidate thresholds are computed in int64 (no overflow)."""
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
-    temp = tl.load(temp_ptr + row).to(tl.float32)
+    """Keys are int32; candidate thresholds are computed in int64 (no overflow)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < n_rows
+    row_ptr = logits_ptr + rows.to(tl.int64) * stride_row
+    temp = tl.load(temp_ptr + rows, mask=rmask, other=1.0).to(tl.float32)
     t = tl.where(temp > 0, temp, 1.0)
-    top_k = tl.load(topk_ptr + row).to(tl.int64)
-    top_p = tl.load(topp_ptr + row).to(tl.float32)
-    min_p = tl.load(minp_ptr + row).to(tl.float32)
+    top_k = tl.load(topk_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    top_p = tl.load(topp_ptr + rows, mask=rmask, other=1.0).to(tl.float32)
+    min_p = tl.load(minp_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     offs0 = tl.arange(0, BLOCK)
     cand_j = tl.arange(0, N_CAND).to(tl.int64)
-    NO_KEY: tl.constexpr = -2147483647 - 1
+    BIG: tl.constexpr = 2147483647
 
     # pass 1: max (and its first index, for greedy), smallest key
-    m = float("-inf")
-    arg = 0
-    min_key = 2147483647
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    arg = tl.zeros([ROWS], tl.int32)
+    min_key = tl.full([ROWS], BIG, tl.int32)
     for start in range(0, vocab, BLOCK):
         offs = start + offs0
-        x, mask = _load_scaled(row_ptr, offs, vocab, t)
-        cm = tl.max(x, axis=0)
-        cidx = tl.min(tl.where(x == cm, offs, 2147483647), axis=0)
+        mask = rmask[:, None] & (offs < vocab)[None, :]
+        x = tl.load(row_ptr[:, None] + offs[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        x = tl.math.div_rn(x, t[:, None]) + 0.0
+        bits = x.to(tl.int32, bitcast=True)
+        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        cm = tl.max(x, axis=1)
+        cidx = tl.min(tl.where(x == cm[:, None], offs[None, :], BIG), axis=1)
         take = cm > m
         arg = tl.where(take, cidx, arg)
         m = tl.where(take, cm, m)
-        min_key = tl.minimum(min_key, tl.min(tl.where(mask, _order_key(x), 2147483647), axis=0))
-    max_key = _order_key(m)
-    thresh = min_key  # keeps everything
+        min_key = tl.minimum(min_key, tl.min(tl.where(mask, key, BIG), axis=1))
+    m = tl.where(rmask, m, 0.0)  # rows past the batch: keep the math finite
+    m_bits = m.to(tl.int32, bitcast=True)
+    max_key = m_bits ^ ((m_bits >> 31) & 0x7FFFFFFF)
+    thresh = tl.minimum(min_key, max_key)  # keeps everything
 
     # top-k: the largest t in [lo, hi] with count(key >= t) >= k (lo always satisfies)
-    if (top_k > 0) & (top_k < vocab):
-        lo = thresh.to(tl.int64)
-        hi = max_key.to(tl.int64)
-        while lo < hi:
-            step = tl.maximum((hi - lo + N_CAND - 1) // N_CAND, 1)
-            cands64 = tl.minimum(lo + (cand_j + 1) * step, hi)
-            cands = cands64.to(tl.int32)
-            counts = tl.zeros([N_CAND], tl.int32)
-            for start in range(0, vocab, BLOCK):
-                offs = start + offs0
-                x, mask = _load_scaled(row_ptr, offs, vocab, t)
-                key = tl.where(mask, _order_key(x), NO_KEY)
-                counts += tl.sum((key[None, :] >= cands[:, None]).to(tl.int32), axis=1)
-            sat = counts.to(tl.int64) >= top_k
-            new_lo = tl.max(tl.where(sat, cands64, lo), axis=0)
-            hi = tl.min(tl.where(sat, hi, cands64 - 1), axis=0)
-            lo = new_lo
-        thresh = lo.to(tl.int32)
-
-    # top-p: the smallest t in [kth, max] with mass(key > t) < p * mass(key >= kth) (hi always "satisfies")
-    if top_p < 1.0:
-        z = 0.0
+    do_k = (top_k > 0) & (top_k < vocab) & rmask
+    lo = thresh.to(tl.int64)
+    hi = tl.where(do_k, max_key.to(tl.int64), lo)
+    while tl.max((lo < hi).to(tl.int32), axis=0) > 0:
+        step = tl.maximum((hi - lo + N_CAND - 1) // N_CAND, 1)
+        cands64 = tl.minimum(lo[:, None] + (cand_j[None, :] + 1) * step[:, None], hi[:, None])
+        cands = cands64.to(tl.int32)
+        counts = tl.zeros([ROWS, N_CAND], tl.int32)
         for start in range(0, vocab, BLOCK):
             offs = start + offs0
-            x, mask = _load_scaled(row_ptr, offs, vocab, t)
-            z += tl.sum(tl.where(_order_key(x) >= thresh, tl.exp(x - m), 0.0), axis=0)
-        limit = top_p * z
-        lo = thresh.to(tl.int64)
-        hi = max_key.to(tl.int64)
-        while lo < hi:
-            step = tl.maximum((hi - lo + N_CAND - 1) // N_CAND, 1)
-            cands64 = tl.minimum(lo + cand_j * step, hi)
-            cands = cands64.to(tl.int32)
-            mass = tl.zeros([N_CAND], tl.float32)
-            for start in range(0, vocab, BLOCK):
-                offs = start + offs0
-                x, mask = _load_scaled(row_ptr, offs, vocab, t)
-                key = _order_key(x)
-                w = tl.where(key >= thresh, tl.exp(x - m), 0.0)
-                mass += tl.sum(tl.where(key[None, :] > cands[:, None], w[None, :], 0.0), axis=1)
-            sat = mass < limit
-            new_hi = tl.min(tl.where(sat, cands64, hi), axis=0)
-            lo = tl.max(tl.where(sat, lo, cands64 + 1), axis=0)
-            hi = new_hi
-        thresh = hi.to(tl.int32)
+            mask = rmask[:, None] & (offs < vocab)[None, :]
+            x = tl.load(row_ptr[:, None] + offs[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+            x = tl.math.div_rn(x, t[:, None]) + 0.0
+            bits = x.to(tl.int32, bitcast=True)
+            key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+            ge = (key[:, None, :] >= cands[:, :, None]) & mask[:, None, :]
+            counts += tl.sum(ge.to(tl.int32), axis=2)
+        sat = counts.to(tl.int64) >= top_k[:, None]
+        new_lo = tl.max(tl.where(sat, cands64, lo[:, None]), axis=1)
+        hi = tl.min(tl.where(sat, hi[:, None], cands64 - 1), axis=1)
+        lo = new_lo
+    thresh = lo.to(tl.int32)
 
-    # normalizer of the kept set (top-k/top-p threshold, then min-p)
-    z = 0.0
+    # top-p: the smallest t in [kth, max] with mass(key > t) < p * mass(key >= kth) (hi always "satisfies")
+    do_p = (top_p < 1.0) & rmask
+    z = tl.zeros([ROWS], tl.float32)
+    if tl.max(do_p.to(tl.int32), axis=0) > 0:
+        for start in range(0, vocab, BLOCK):
+            offs = start + offs0
+            mask = rmask[:, None] & (offs < vocab)[None, :]
+            x = tl.load(row_ptr[:, None] + offs[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+            x = tl.math.div_rn(x, t[:, None]) + 0.0
+            bits = x.to(tl.int32, bitcast=True)
+            key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+            z += tl.sum(tl.where(key >= thresh[:, None], tl.exp(x - m[:, None]), 0.0), axis=1)
+    limit = top_p * z
+    lo = thresh.to(tl.int64)
+    hi = tl.where(do_p, max_key.to(tl.int64), lo)
+    while tl.max((lo < hi).to(tl.int32), axis=0) > 0:
+        step = tl.maximum((hi - lo + N_CAND - 1) // N_CAND, 1)
+        cands64 = tl.minimum(lo[:, None] + cand_j[None, :] * step[:, None], hi[:, None])
+        cands = cands64.to(tl.int32)
+        mass = tl.zeros([ROWS, N_CAND], tl.float32)
+        for start in range(0, vocab, BLOCK):
+            offs = start + offs0
+            mask = rmask[:, None] & (offs < vocab)[None, :]
+            x = tl.load(row_ptr[:, None] + offs[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+            x = tl.math.div_rn(x, t[:, None]) + 0.0
+            bits = x.to(tl.int32, bitcast=True)
+            key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+            w = tl.where(key >= thresh[:, None], tl.exp(x - m[:, None]), 0.0)
+            mass += tl.sum(tl.where(key[:, None, :] > cands[:, :, None], w[:, None, :], 0.0), axis=2)
+        sat = mass < limit[:, None]
+        new_hi = tl.min(tl.where(sat, cands64, hi[:, None]), axis=1)
+        lo = tl.max(tl.where(sat, lo[:, None], cands64 + 1), axis=1)
+        hi = new_hi
+    thresh = hi.to(tl.int32)
+
+    # normalizer of the kept set (top-k/top-p threshold, then min-p: prob >= min_p * max prob)
+    z = tl.zeros([ROWS], tl.float32)
     for start in range(0, vocab, BLOCK):
         offs = start + offs0
-        x, mask = _load_scaled(row_ptr, offs, vocab, t)
-        w = tl.exp(x - m)
-        keep = (_order_key(x) >= thresh) & (w >= min_p) & mask
-        z += tl.sum(tl.where(keep, w, 0.0), axis=0)
-    log_z = tl.log(z)
+        mask = rmask[:, None] & (offs < vocab)[None, :]
+        x = tl.load(row_ptr[:, None] + offs[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        x = tl.math.div_rn(x, t[:, None]) + 0.0
+        bits = x.to(tl.int32, bitcast=True)
+        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        w = tl.exp(x - m[:, None])
+        keep = (key >= thresh[:, None]) & (w >= min_p[:, None]) & mask
+        z += tl.sum(tl.where(keep, w, 0.0), axis=1)
+    log_z = tl.log(tl.where(rmask, z, 1.0))
 
     # inverse CDF in vocabulary order: the first token whose running mass exceeds u * z
-    token = arg
-    if temp > 0:
-        target = tl.load(u_ptr + row).to(tl.float32) * z
-        hit = 2147483647
-        running = 0.0
-        start = 0
-        while (start < vocab) & (hit == 2147483647):
-            offs = start + offs0
-            x, mask = _load_scaled(row_ptr, offs, vocab, t)
-            w = tl.exp(x - m)
-            keep = (_order_key(x) >= thresh) & (w >= min_p) & mask
-            w = tl.where(keep, w, 0.0)
-            cdf = running + tl.cumsum(w, axis=0)
-            hit = tl.min(tl.where((cdf > target) & mask, offs, 2147483647), axis=0)
-            running += tl.sum(w, axis=0)
-            start += BLOCK
-        # nothing exceeded the target (rounding): the reference clamps to the last token
-        token = tl.where(hit == 2147483647, vocab - 1, hit)
-        # a token outside the kept set (only through rounding at the very end) falls back to greedy
-        xt = tl.math.div_rn(tl.load(row_ptr + token).to(tl.float32), t)
-        kept = (_order_key(xt) >= thresh) & (tl.exp(xt - m) >= min_p) & (xt > float("-inf"))
-        token = tl.where(kept, token, arg)
-    x_tok = tl.math.div_rn(tl.load(row_ptr + token).to(tl.float32), t)
-    tl.store(tok_ptr + row, token.to(tl.int64))
-    tl.store(lp_ptr + row, x_tok - m - log_z)
+    u = tl.load(u_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    target = u * z
+    sampling = (temp > 0) & rmask
+    hit = tl.where(sampling, BIG, 0)  # rows not sampling are "found" from the start
+    running = tl.zeros([ROWS], tl.float32)
+    start = 0
+    while (start < vocab) & (tl.max(hit, axis=0) == BIG):
+        offs = start + offs0
+        mask = rmask[:, None] & (offs < vocab)[None, :]
+        x = tl.load(row_ptr[:, None] + offs[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        x = tl.math.div_rn(x, t[:, None]) + 0.0
+        bits = x.to(tl.int32, bitcast=True)
+        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        w = tl.exp(x - m[:, None])
+        w = tl.where((key >= thresh[:, None]) & (w >= min_p[:, None]) & mask, w, 0.0)
+        cdf = running[:, None] + tl.cumsum(w, axis=1)
+        first = tl.min(tl.where((cdf > target[:, None]) & mask, offs[None, :], BIG), axis=1)
+        hit = tl.where(hit == BIG, first, hit)
+        running += tl.sum(w, axis=1)
+        start += BLOCK
+    # nothing exceeded the target (rounding): the reference clamps to the last token
+    token = tl.where(hit == BIG, vocab - 1, hit)
+    # a sampled token outside the kept set (only through rounding at the very end) falls back to greedy
+    xt = tl.math.div_rn(tl.load(row_ptr + token, mask=rmask, other=0.0).to(tl.float32), t) + 0.0
+    xt_bits = xt.to(tl.int32, bitcast=True)
+    xt_key = xt_bits ^ ((xt_bits >> 31) & 0x7FFFFFFF)
+    kept = (xt_key >= thresh) & (tl.exp(xt - m) >= min_p) & (xt > float("-inf"))
+    token = tl.where(sampling & kept, token, arg)
+    x_tok = tl.math.div_rn(tl.load(row_ptr + token, mask=rmask, other=0.0).to(tl.float32), t)
+    tl.store(tok_ptr + rows, token.to(tl.int64), mask=rmask)
+    tl.store(lp_ptr + rows, x_tok - m - log_z, mask=rmask)
 
 
 def sample_triton(
@@ -239,12 +270,30 @@ def sample_triton(
         return tokens, logprobs
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    block = min(1024 if logits.is_cuda else 4096, triton.next_power_of_2(vocab))
-    _sample_kernel[(batch,)](
-        logits, temperature.contiguous(), top_k.contiguous(), top_p.contiguous(), min_p.contiguous(),
-        uniform.contiguous(), tokens, logprobs,
-        logits.stride(0), vocab,
-        BLOCK=block, N_CAND=16,
-        num_warps=8,
+    if logits.is_cuda:
+        # a row per program, 16 candidate thresholds per pass of a search (~8 passes per search)
+        rows, block, n_cand, num_warps = 1, min(1024, triton.next_power_of_2(vocab)), 16, 8
+    else:
+        # Triton's CPU interpreter: its cost is per op, so make each op big (~1M elements at most)
+        block = min(4096, triton.next_power_of_2(vocab))
+        rows = max(1, min(triton.next_power_of_2(batch), (1 << 16) // block))
+        n_cand = max(16, min(256, (1 << 20) // (rows * block)))
+        num_warps = 4
+    _sample_kernel[(triton.cdiv(batch, rows),)](
+        logits,
+        temperature.contiguous(),
+        top_k.contiguous(),
+        top_p.contiguous(),
+        min_p.contiguous(),
+        uniform.contiguous(),
+        tokens,
+        logprobs,
+        batch,
+        logits.stride(0),
+        vocab,
+        ROWS=rows,
+        BLOCK=block,
+        N_CAND=n_cand,
+        num_warps=num_warps,
     )
     return tokens, logprobs

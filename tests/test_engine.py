@@ -49,11 +49,23 @@ def reference_logprobs(model, prompt, completion, params):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_matches_transformers(family):
+    """Equal to HF greedy decoding, except that a near-tie (top-2 margin < 1e-4) may go either way.
+
+    Random tiny models have near-ties that last-bit differences between BLAS calls can flip; the real-model
+    test requires exact equality with `generate`.
+    """
     model = make_tiny_model(family)
     engine = Engine(model, kv_cache_memory=1 << 22)
     outs = engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24, min_tokens=24))
     for prompt, out in zip(PROMPTS, outs):
-        assert out.outputs[0].token_ids == hf_greedy(model, prompt, 24)
+        tokens = out.outputs[0].token_ids
+        expected = hf_greedy(model, prompt, 24)
+        if tokens != expected:
+            first = next(i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b)
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + tokens[:first]])).logits[0, -1]
+            top2 = logits.topk(2).values
+            assert top2[0] - top2[1] < 1e-4, f"diverged at {first} with a clear margin"
         assert out.outputs[0].finish_reason == "length"
 
 
@@ -71,6 +83,20 @@ def test_behaviour_logprobs_are_exact(family, skipped):
             expected = reference_logprobs(reference, prompt, c.token_ids, params)
             assert torch.allclose(torch.tensor(c.logprobs), expected, atol=1e-4, rtol=0)
             assert c.cumulative_logprob == pytest.approx(sum(c.logprobs))
+
+
+def test_stale_cache_contents_never_leak():
+    """Unwritten cache slots may hold anything (even NaN) without changing any output."""
+    model = make_tiny_model("llama")
+    engine = Engine(model, kv_cache_memory=1 << 22)
+    params = SamplingParams(n=2, temperature=0.9, max_tokens=20, seed=5, ignore_eos=True)
+    clean = engine.generate(PROMPTS, params)
+    engine._kv_buffer.fill_(float("nan"))
+    poisoned = engine.generate(PROMPTS, params)
+    for a, b in zip(clean, poisoned):
+        for ca, cb in zip(a.outputs, b.outputs):
+            assert ca.token_ids == cb.token_ids
+            assert torch.allclose(torch.tensor(ca.logprobs), torch.tensor(cb.logprobs), atol=1e-5)
 
 
 def test_same_seed_same_output_and_samples_differ():

@@ -1,0 +1,135 @@
+"""Shared set-up of the kernel micro-benchmarks (`pytest benchmarks/kernels --benchmark-only`).
+
+Each benchmark times one kernel at a realistic shape, as its torch reference ("torch") and, on a CUDA
+device, as the Triton kernel ("triton"). extra_info records the bytes the op must move at least (each
+input read once, each output written once), the achieved GB/s, the device's measured copy bandwidth
+(a large device-to-device copy, bytes read + written, timed the same way) and their ratio.
+
+On a GPU the GB/s come from `triton.testing.do_bench` (CUDA events, median, inputs rotated so repeated
+runs do not just hit the L2 cache); pytest-benchmark's own wall-clock columns include a synchronize per
+call. On the CPU only the reference path runs (interpreted Triton timings mean nothing), over a reduced
+grid so the run takes a few minutes; NREFT_BENCH_FULL=1 asks for the full grid there too.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+FULL = HAS_CUDA or os.environ.get("NREFT_BENCH_FULL") == "1"
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+# bf16 is what the engine runs on a GPU; fp32 on the CPU, where bf16 kernels are slow emulations
+DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
+
+MODELS = {
+    "qwen2.5-1.5b": {
+        "heads": 12,
+        "kv_heads": 2,
+        "head_dim": 128,
+        "hidden": 1536,
+        "inter": 8960,
+        "vocab": 151936,
+    },
+    "smollm2-135m": {"heads": 9, "kv_heads": 3, "head_dim": 64, "hidden": 576, "inter": 1536, "vocab": 49152},
+}
+BATCHES = [1, 64, 256] if FULL else [1, 64]
+CONTEXTS = [512, 2048, 8192] if FULL else [512, 2048]
+IMPLS = [
+    "torch",
+    pytest.param(
+        "triton",
+        marks=pytest.mark.skipif(
+            not HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1",
+            reason="Triton kernels are timed on a CUDA device only (interpreted timings mean nothing)",
+        ),
+    ),
+]
+
+
+def _median_seconds_cpu(fn, repeat: int = 7) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _median_seconds_cuda(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
+
+
+@pytest.fixture(scope="session")
+def copy_bandwidth() -> float:  # registered by conftest.py
+    """The device's measured copy bandwidth in GB/s (bytes read + bytes written per second)."""
+    if HAS_CUDA:
+        src = torch.randn(256 * 1024 * 1024 // 2, device=DEVICE, dtype=torch.bfloat16)  # 256 MiB, >> L2
+        dst = torch.empty_like(src)
+        seconds = _median_seconds_cuda(lambda: dst.copy_(src))
+    else:
+        src = torch.randn(64 * 1024 * 1024 // 4)  # 64 MiB
+        dst = torch.empty_like(src)
+        seconds = _median_seconds_cpu(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / seconds / 1e9
+
+
+class _Rotation:
+    """Cycles through several input sets: on a GPU, enough to exceed twice the L2 cache."""
+
+    def __init__(self, make_inputs, working_set_bytes: int):
+        n = 1
+        if HAS_CUDA:
+            l2 = getattr(torch.cuda.get_device_properties(DEVICE), "L2_cache_size", 50 * 2**20)
+            n = max(1, min(16, -(-2 * l2 // max(1, working_set_bytes))))
+        self.sets = [make_inputs() for _ in range(n)]
+        self.i = 0
+
+    def next(self):
+        self.i = (self.i + 1) % len(self.sets)
+        return self.sets[self.i]
+
+
+def run_benchmark(
+    benchmark, copy_bw: float, fn, make_inputs, bytes_moved: int, flops: int | None = None, **info
+):
+    """Time fn(*inputs) with pytest-benchmark and record bandwidth figures in extra_info."""
+    rot = _Rotation(make_inputs, bytes_moved)
+
+    def call():
+        return fn(*rot.next())
+
+    if HAS_CUDA:
+
+        def timed():
+            call()
+            torch.cuda.synchronize()
+
+        call()  # compile / warm up outside the timing
+        torch.cuda.synchronize()
+        benchmark(timed)
+        seconds = _median_seconds_cuda(call)
+        info["device"] = torch.cuda.get_device_name(DEVICE)
+        info["do_bench_median_us"] = round(seconds * 1e6, 2)
+    else:
+        benchmark(call)
+        seconds = benchmark.stats.stats.median if benchmark.stats is not None else _median_seconds_cpu(call)
+        info["device"] = "cpu"
+    gbps = bytes_moved / seconds / 1e9
+    info.update(
+        dtype=str(DTYPE).replace("torch.", ""),
+        bytes_moved=int(bytes_moved),
+        achieved_gbps=round(gbps, 2),
+        copy_gbps=round(copy_bw, 2),
+        fraction_of_copy_bandwidth=round(gbps / copy_bw, 4),
+    )
+    if flops is not None:
+        info["achieved_tflops"] = round(flops / seconds / 1e12, 3)
+    benchmark.extra_info.update(info)

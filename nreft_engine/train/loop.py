@@ -1,0 +1,294 @@
+"""The Nested-ReFT trainer: nested rollouts -> rewards -> full-model log-probs -> corrected GRPO step.
+
+Each step draws a fresh skip set, samples G completions per prompt from the layer-skipped behaviour model,
+scores them, recomputes their log-probs on the full model with autograd (one group per micro-batch), and
+takes an AdamW step. The engine reads the parameters in place, so the next rollout uses the new weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from nreft_engine import Engine, SamplingParams, SkipPolicy
+from nreft_engine.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    model_fingerprint,
+    save_checkpoint,
+)
+from nreft_engine.train.corrections import CorrectionConfig, ratio_stats
+from nreft_engine.train.data import INSTRUCTION, Problem, Task, batch_at, render_prompts
+from nreft_engine.train.logprobs import LogitFilter, group_logprobs
+from nreft_engine.train.metrics import MetricsLog, plot_metrics, read_metrics
+from nreft_engine.train.objectives import ObjectiveConfig, group_advantages, loss_normalizer, policy_loss
+from nreft_engine.train.rewards import RewardFn, compute_rewards
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on besides the model, the task and the reward functions."""
+
+    steps: int = 30
+    prompts_per_step: int = 4
+    group_size: int = 8
+    max_tokens: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    skip_ratio: float = 0.25
+    protect_first: int = 1
+    protect_last: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    ppo_epochs: int = 1
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)
+    eval_every: int = 0
+    eval_max_tokens: int = 8
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    seed: int = 0
+    chunk_size: int = 1024
+    system_prompt: str = INSTRUCTION
+
+
+@dataclass
+class Rollout:
+    """One step's samples: per prompt, its token ids and G completions with behaviour log-probs and rewards."""
+
+    prompt_ids: list[list[int]]
+    completions: list[list[list[int]]]
+    behaviour_logprobs: list[list[list[float]]]
+    rewards: torch.Tensor
+    skipped_layers: tuple[int, ...]
+    tokens_per_second: float
+
+
+class Trainer:
+    """Runs Nested-ReFT on `model` (trained in place) and writes metrics, a plot and checkpoints to `output_dir`."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        task: Task,
+        rewards: list[RewardFn],
+        accuracy_fn: RewardFn,
+        config: TrainConfig,
+        output_dir: str,
+        model_name: str,
+        engine: Engine | None = None,
+        kv_cache_memory: float = 0.1,
+    ):
+        self.model, self.tokenizer, self.task, self.config = model, tokenizer, task, config
+        self.rewards, self.accuracy_fn = rewards, accuracy_fn
+        self.output_dir = output_dir
+        self.engine = engine or Engine(model, tokenizer, kv_cache_memory=kv_cache_memory)
+        self.fingerprint = model_fingerprint(model, model_name)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.reference = self._frozen_copy(model) if config.objective.kl_beta > 0 else None
+        self.filter = LogitFilter(config.temperature, config.top_k, config.top_p, config.min_p)
+        self.checkpoint_dir = os.path.join(output_dir, "checkpoints")
+        self.metrics_path = os.path.join(output_dir, "metrics.jsonl")
+
+    def _lr_factor(self, step: int) -> float:
+        """Linear warmup, then cosine decay to 10% of the peak over the run."""
+        cfg = self.config
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps * cfg.ppo_epochs - cfg.warmup_steps)
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    @staticmethod
+    def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+        ref = copy.deepcopy(model)
+        ref.requires_grad_(False)
+        return ref
+
+    # --- phases -----------------------------------------------------------------------------------
+
+    def rollout(self, step: int, problems: list[Problem]) -> Rollout:
+        """Sample G completions per problem from the behaviour model (a fresh skip set) and score them."""
+        cfg = self.config
+        prompt_ids = render_prompts(self.tokenizer, problems, cfg.system_prompt)
+        seed = cfg.seed * 1_000_003 + step
+        params = SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                min_p=cfg.min_p, max_tokens=cfg.max_tokens, seed=seed)
+        skip = SkipPolicy(cfg.skip_ratio, cfg.protect_first, cfg.protect_last, seed=seed) if cfg.skip_ratio > 0 else None
+        outs = self.engine.generate(prompt_ids, params, skip=skip)
+        flat = [(o, c, p) for o, p in zip(outs, problems) for c in o.outputs]
+        rewards = compute_rewards(
+            self.rewards,
+            prompts=[self.tokenizer.decode(o.prompt_token_ids) for o, _, _ in flat],
+            completions=[c.text for _, c, _ in flat],
+            completion_ids=[c.token_ids for _, c, _ in flat],
+            answer=[p.answer for _, _, p in flat],
+        )
+        return Rollout(
+            prompt_ids=prompt_ids,
+            completions=[[c.token_ids for c in o.outputs] for o in outs],
+            behaviour_logprobs=[[c.logprobs for c in o.outputs] for o in outs],
+            rewards=torch.tensor(rewards, dtype=torch.float32).view(len(outs), cfg.group_size),
+            skipped_layers=outs[0].skipped_layers if outs else (),
+            tokens_per_second=self.engine.last_stats.tokens_per_second,
+        )
+
+    def update(self, rollout: Rollout) -> dict:
+        """PPO epochs of the corrected GRPO loss over the rollout, one prompt group per micro-batch."""
+        cfg = self.config
+        advantages = group_advantages(rollout.rewards, cfg.objective.scale_std)
+        masks = [_pad([[1.0] * len(c) for c in group]).bool() for group in rollout.completions]
+        normalizer = sum(loss_normalizer(m, cfg.objective.aggregation) for m in masks)
+        # a group whose advantages are all 0 has no policy gradient; without a KL term it can be skipped
+        active = [i for i in range(len(masks)) if cfg.objective.kl_beta > 0 or advantages[i].abs().max() > 0]
+        old: dict[int, torch.Tensor] = {}
+        ref: dict[int, torch.Tensor] = {}
+        stats_parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        losses, grad_norms, tokens = [], [], 0
+        for epoch in range(cfg.ppo_epochs):
+            self.optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for i in active:
+                prompt, group = rollout.prompt_ids[i], rollout.completions[i]
+                logp = _pad(group_logprobs(self.model, prompt, group, self.filter, cfg.chunk_size))
+                if epoch == 0:
+                    old[i] = logp.detach()
+                    if self.reference is not None:
+                        with torch.no_grad():
+                            ref[i] = _pad(group_logprobs(self.reference, prompt, group, self.filter, cfg.chunk_size))
+                loss, log_ratio, corrected = policy_loss(
+                    logp, old[i], _pad(rollout.behaviour_logprobs[i]), advantages[i], masks[i],
+                    cfg.objective, cfg.correction, normalizer, ref.get(i),
+                )
+                loss.backward()
+                total += loss.item()
+                tokens += int(masks[i].sum())
+                if epoch == 0:
+                    stats_parts.append((log_ratio, masks[i], corrected))
+            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)))
+            self.optimizer.step()  # a no-op without gradients; keeps the schedule tied to the step count
+            self.scheduler.step()
+            losses.append(total)
+        record = {"loss": losses[0] if losses else 0.0, "grad_norm": grad_norms[0] if grad_norms else 0.0,
+                  "trained_groups": len(active), "train_tokens": tokens}
+        if stats_parts:
+            width = max(p[0].shape[1] for p in stats_parts)
+            cat = [torch.cat([_widen(p[k], width) for p in stats_parts]) for k in range(3)]
+            record.update(ratio_stats(cat[0], cat[1], cat[2]))
+        return record
+
+    def evaluate(self, problems: list[Problem] | None = None) -> dict[str, float]:
+        """Held-out accuracy (and mean training reward) of the FULL model, no layer skipped, greedy."""
+        problems = problems if problems is not None else self.task.heldout
+        prompt_ids = render_prompts(self.tokenizer, problems, self.config.system_prompt)
+        params = SamplingParams(n=1, temperature=0.0, max_tokens=self.config.eval_max_tokens)
+        outs = self.engine.generate(prompt_ids, params, skip=None)
+        columns = {
+            "prompts": [self.tokenizer.decode(o.prompt_token_ids) for o in outs],
+            "completions": [o.outputs[0].text for o in outs],
+            "completion_ids": [o.outputs[0].token_ids for o in outs],
+            "answer": [p.answer for p in problems],
+        }
+        correct = compute_rewards([self.accuracy_fn], **columns)
+        rewards = compute_rewards(self.rewards, **columns)
+        n = max(1, len(problems))
+        return {"accuracy": sum(1.0 for s in correct if s >= 1.0) / n, "reward_mean": sum(rewards) / n}
+
+    def rollout_throughput(self, skip_ratio: float) -> dict[str, float]:
+        """Rollout tokens/s of the full model and of the nested model at `skip_ratio` on the same workload.
+
+        Both sample the first step's prompts with the training settings and ignore EOS, so they do the same work.
+        """
+        cfg = self.config
+        prompt_ids = render_prompts(self.tokenizer, batch_at(self.task, 0, cfg.prompts_per_step, cfg.seed),
+                                    cfg.system_prompt)
+        params = SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                min_p=cfg.min_p, max_tokens=cfg.max_tokens, seed=cfg.seed, ignore_eos=True)
+        result = {}
+        for name, skip in (("full", None), ("nested", SkipPolicy(skip_ratio, cfg.protect_first, cfg.protect_last,
+                                                                 seed=cfg.seed))):
+            self.engine.generate(prompt_ids, params, skip=skip)
+            result[f"{name}_tokens_per_s"] = self.engine.last_stats.tokens_per_second
+        return result
+
+    # --- the run ----------------------------------------------------------------------------------
+
+    def train(self, resume: bool = True) -> dict:
+        """Run (or resume) the configured steps; returns the metrics of the run's steps and evaluations."""
+        cfg = self.config
+        start = 0
+        found = latest_checkpoint(self.checkpoint_dir)
+        if found and resume:
+            start = load_checkpoint(found, self.model, self.optimizer, self.scheduler, self.fingerprint)
+            logger.info("resumed from %s (step %d)", found, start)
+        elif found:
+            raise ValueError(f"{self.output_dir} already holds checkpoints; resume, or choose another --output-dir")
+        # the first evaluation also checks the reward functions, before anything is written
+        first_eval = self.evaluate() if start == 0 else None
+        log = MetricsLog(self.metrics_path, resume_step=start)
+        if first_eval is not None:
+            log.write({"type": "eval", "step": 0, **first_eval})
+        bar = tqdm(range(start, cfg.steps), desc="nested-reft", unit="step", initial=start, total=cfg.steps)
+        for step in bar:
+            record = self.train_step(step)
+            log.write(record)
+            bar.set_postfix(reward=f"{record['reward_mean']:.2f}", tok_s=f"{record['rollout_tokens_per_s']:.0f}")
+            done = step + 1
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+                log.write({"type": "eval", "step": done, **self.evaluate()})
+            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+                save_checkpoint(self.checkpoint_dir, done, self.model, self.optimizer, self.scheduler,
+                                self.fingerprint, cfg.keep_checkpoints)
+        records = read_metrics(self.metrics_path)
+        if not any(r["type"] == "eval" and r["step"] == cfg.steps for r in records):
+            log.write({"type": "eval", "step": cfg.steps, **self.evaluate()})
+            records = read_metrics(self.metrics_path)
+        plot_metrics(records, os.path.join(self.output_dir, "metrics.png"))
+        return {"records": records}
+
+    def train_step(self, step: int) -> dict:
+        """One rollout + update; returns the step's metrics record."""
+        t0 = time.perf_counter()
+        rollout = self.rollout(step, batch_at(self.task, step, self.config.prompts_per_step, self.config.seed))
+        t1 = time.perf_counter()
+        record = self.update(rollout)
+        t2 = time.perf_counter()
+        lengths = [len(c) for group in rollout.completions for c in group]
+        return {
+            "type": "train",
+            "step": step + 1,
+            "reward_mean": rollout.rewards.mean().item(),
+            "reward_std": rollout.rewards.std(unbiased=False).item(),
+            "completion_len_mean": sum(lengths) / max(1, len(lengths)),
+            "skipped_layers": list(rollout.skipped_layers),
+            "lr": self.scheduler.get_last_lr()[0],
+            "rollout_tokens_per_s": rollout.tokens_per_second,
+            "train_tokens_per_s": record["train_tokens"] / (t2 - t1) if t2 > t1 else 0.0,
+            "rollout_s": t1 - t0,
+            "train_s": t2 - t1,
+            **record,
+        }
+
+
+def _pad(rows: list) -> torch.Tensor:
+    """Right-pad a list of 1-D tensors or float lists into a [B, T] fp32 tensor (zeros past each row)."""
+    rows = [r if isinstance(r, torch.Tensor) else torch.tensor(r, dtype=torch.float32) for r in rows]
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=0.0)
+
+
+def _widen(t: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]))
