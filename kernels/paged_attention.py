@@ -36,20 +36,7 @@ def paged_decode_attention_reference(
 import triton
 import triton.language as tl
 
-_LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """tl.dot; IEEE: exact fp32 products (no TF32). UPCAST: multiply in fp32, for Triton's CPU interpreter,
-    whose dot multiplies the raw bits of bf16/fp16 operands (the GPU path never sets it)."""
-    if UPCAST:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    elif IEEE:
-        r = tl.dot(a, b, input_precision="ieee")
-    else:
-        r = tl.dot(a, b)
-    return r
+from nreft_engine.kernels.attention_dot import LOG2E, attention_dot
 
 
 @triton.jit
@@ -133,13 +120,13 @@ def _paged_decode_split_kernel(
                 mask=kv_mask,
                 other=0.0,
             )
-            s = _dot(q, tl.trans(k), IEEE, UPCAST)
+            s = attention_dot(q, tl.trans(k), IEEE, UPCAST)
             s = tl.where(tmask[None, :], s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            pv = _dot(p.to(v.dtype), v, IEEE, UPCAST)
+            pv = attention_dot(p.to(v.dtype), v, IEEE, UPCAST)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
         out = acc / l_i[:, None]
@@ -275,7 +262,7 @@ def _paged_decode_attention_launch(
         out.stride(1),
         *p_strides,
         *l_strides,
-        float(scale) * _LOG2E,
+        float(scale) * LOG2E,
         GROUP=group,
         G_PAD=g_pad,
         HEAD_DIM=dim,

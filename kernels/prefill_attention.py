@@ -36,20 +36,7 @@ try:  # optional extra: `pip install nreft-engine[flash]`
 except Exception:  # noqa: BLE001 - any import failure means "not available"
     _flash_varlen = None
 
-_LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """tl.dot; IEEE: exact fp32 products (no TF32). UPCAST: multiply in fp32, for Triton's CPU interpreter,
-    whose dot multiplies the raw bits of bf16/fp16 operands (the GPU path never sets it)."""
-    if UPCAST:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    elif IEEE:
-        r = tl.dot(a, b, input_precision="ieee")
-    else:
-        r = tl.dot(a, b)
-    return r
+from nreft_engine.kernels.attention_dot import LOG2E, attention_dot
 
 
 @triton.jit
@@ -82,7 +69,7 @@ def _attend_tile(
         kv_mask = kmask[:, None] & dmask[None, :]
         k = tl.load(k_base + kpos[:, None] * stride_kt + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + kpos[:, None] * stride_vt + d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), IEEE, UPCAST)
+        s = attention_dot(q, tl.trans(k), IEEE, UPCAST)
         s = s * qk_scale
         if MASKED:
             keep = (kpos[None, :] <= q_pos[:, None]) & kmask[None, :]
@@ -91,7 +78,7 @@ def _attend_tile(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        pv = _dot(p.to(v.dtype), v, IEEE, UPCAST)
+        pv = attention_dot(p.to(v.dtype), v, IEEE, UPCAST)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     return m_i, l_i, acc
@@ -253,7 +240,7 @@ def _prefill_attention_triton_kernel(
         out.stride(0),
         out.stride(1),
         n_seqs,
-        float(scale) * _LOG2E,
+        float(scale) * LOG2E,
         GROUP=heads // kv_heads,
         HEAD_DIM=dim,
         D_PAD=d_pad,

@@ -95,6 +95,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _tempered_tile(row_ptr, offs, vocab, rmask, t):
+    """One tile of a row block: (offsets, mask, tempered fp32 logits, their order-preserving int32 keys)."""
+    mask = rmask[:, None] & (offs < vocab)[None, :]
+    x = tl.load(row_ptr[:, None] + offs[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+    x = tl.math.div_rn(x, t[:, None]) + 0.0
+    bits = x.to(tl.int32, bitcast=True)
+    return offs, mask, x, bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
 def _sample_kernel(
     logits_ptr,
     temp_ptr,
@@ -129,12 +139,7 @@ def _sample_kernel(
     arg = tl.zeros([ROWS], tl.int32)
     min_key = tl.full([ROWS], BIG, tl.int32)
     for start in range(0, vocab, BLOCK):
-        offs = start + offs0
-        mask = rmask[:, None] & (offs < vocab)[None, :]
-        x = tl.load(row_ptr[:, None] + offs[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-        x = tl.math.div_rn(x, t[:, None]) + 0.0
-        bits = x.to(tl.int32, bitcast=True)
-        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        offs, mask, x, key = _tempered_tile(row_ptr, start + offs0, vocab, rmask, t)
         cm = tl.max(x, axis=1)
         cidx = tl.min(tl.where(x == cm[:, None], offs[None, :], BIG), axis=1)
         take = cm > m
@@ -156,12 +161,7 @@ def _sample_kernel(
         cands = cands64.to(tl.int32)
         counts = tl.zeros([ROWS, N_CAND], tl.int32)
         for start in range(0, vocab, BLOCK):
-            offs = start + offs0
-            mask = rmask[:, None] & (offs < vocab)[None, :]
-            x = tl.load(row_ptr[:, None] + offs[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-            x = tl.math.div_rn(x, t[:, None]) + 0.0
-            bits = x.to(tl.int32, bitcast=True)
-            key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+            offs, mask, x, key = _tempered_tile(row_ptr, start + offs0, vocab, rmask, t)
             ge = (key[:, None, :] >= cands[:, :, None]) & mask[:, None, :]
             counts += tl.sum(ge.to(tl.int32), axis=2)
         sat = counts.to(tl.int64) >= top_k[:, None]
@@ -175,12 +175,7 @@ def _sample_kernel(
     z = tl.zeros([ROWS], tl.float32)
     if tl.max(do_p.to(tl.int32), axis=0) > 0:
         for start in range(0, vocab, BLOCK):
-            offs = start + offs0
-            mask = rmask[:, None] & (offs < vocab)[None, :]
-            x = tl.load(row_ptr[:, None] + offs[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-            x = tl.math.div_rn(x, t[:, None]) + 0.0
-            bits = x.to(tl.int32, bitcast=True)
-            key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+            offs, mask, x, key = _tempered_tile(row_ptr, start + offs0, vocab, rmask, t)
             z += tl.sum(tl.where(key >= thresh[:, None], tl.exp(x - m[:, None]), 0.0), axis=1)
     limit = top_p * z
     lo = thresh.to(tl.int64)
@@ -191,12 +186,7 @@ def _sample_kernel(
         cands = cands64.to(tl.int32)
         mass = tl.zeros([ROWS, N_CAND], tl.float32)
         for start in range(0, vocab, BLOCK):
-            offs = start + offs0
-            mask = rmask[:, None] & (offs < vocab)[None, :]
-            x = tl.load(row_ptr[:, None] + offs[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-            x = tl.math.div_rn(x, t[:, None]) + 0.0
-            bits = x.to(tl.int32, bitcast=True)
-            key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+            offs, mask, x, key = _tempered_tile(row_ptr, start + offs0, vocab, rmask, t)
             w = tl.where(key >= thresh[:, None], tl.exp(x - m[:, None]), 0.0)
             mass += tl.sum(tl.where(key[:, None, :] > cands[:, :, None], w[:, None, :], 0.0), axis=2)
         sat = mass < limit[:, None]
@@ -208,12 +198,7 @@ def _sample_kernel(
     # normalizer of the kept set (top-k/top-p threshold, then min-p: prob >= min_p * max prob)
     z = tl.zeros([ROWS], tl.float32)
     for start in range(0, vocab, BLOCK):
-        offs = start + offs0
-        mask = rmask[:, None] & (offs < vocab)[None, :]
-        x = tl.load(row_ptr[:, None] + offs[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-        x = tl.math.div_rn(x, t[:, None]) + 0.0
-        bits = x.to(tl.int32, bitcast=True)
-        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        offs, mask, x, key = _tempered_tile(row_ptr, start + offs0, vocab, rmask, t)
         w = tl.exp(x - m[:, None])
         keep = (key >= thresh[:, None]) & (w >= min_p[:, None]) & mask
         z += tl.sum(tl.where(keep, w, 0.0), axis=1)
@@ -227,12 +212,7 @@ def _sample_kernel(
     running = tl.zeros([ROWS], tl.float32)
     start = 0
     while (start < vocab) & (tl.max(hit, axis=0) == BIG):
-        offs = start + offs0
-        mask = rmask[:, None] & (offs < vocab)[None, :]
-        x = tl.load(row_ptr[:, None] + offs[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-        x = tl.math.div_rn(x, t[:, None]) + 0.0
-        bits = x.to(tl.int32, bitcast=True)
-        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        offs, mask, x, key = _tempered_tile(row_ptr, start + offs0, vocab, rmask, t)
         w = tl.exp(x - m[:, None])
         w = tl.where((key >= thresh[:, None]) & (w >= min_p[:, None]) & mask, w, 0.0)
         cdf = running[:, None] + tl.cumsum(w, axis=1)
