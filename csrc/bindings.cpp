@@ -1,8 +1,9 @@
-// Python module nreft_engine._C: the block manager and the CPU/CUDA cache ops.
+// Python module nreft_engine._C: the block manager, the CPU/CUDA cache ops and the CPU kernels.
 #include <torch/extension.h>
 
 #include "block_manager.h"
 #include "cache_ops.h"
+#include "cpu_kernels.h"
 
 namespace py = pybind11;
 using nreft::BlockManager;
@@ -49,4 +50,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Write k, v [T, KVH, D] into [num_blocks, block_size, KVH, D] caches at slot_mapping (< 0 skips).");
   m.def("copy_blocks", &nreft::copy_blocks, py::arg("k_cache"), py::arg("v_cache"), py::arg("src_dst"),
         "Copy block src to dst in every layer of [L, num_blocks, block_size, KVH, D] caches.");
+
+  // CPU kernels of the decode step (csrc/cpu_kernels.h; Python wrappers in kernels/cpu.py)
+  m.def("paged_decode_attention_cpu", &nreft::paged_decode_attention_cpu, py::arg("q"), py::arg("k_cache_layer"),
+        py::arg("v_cache_layer"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"),
+        py::arg("out") = py::none(), "Paged decode attention, q [B, H, D] over the block tables; returns [B, H, D].");
+  m.def("rms_norm_cpu", &nreft::rms_norm_cpu, py::arg("x"), py::arg("weight"), py::arg("eps"),
+        py::arg("residual") = py::none(), py::arg("out") = py::none(),
+        "weight * rmsnorm(x [+ residual]) over the last dim; the sum is written into residual. Returns y.");
+  m.def("silu_and_mul_cpu", &nreft::silu_and_mul_cpu, py::arg("gate"), py::arg("up"), py::arg("out") = py::none(),
+        "silu(gate) * up.");
+  m.def("cpu_isa", &nreft::cpu_isa, "Instruction set the CPU kernels run: avx512, avx2 or base.");
+  m.def("set_cpu_isa", &nreft::set_cpu_isa, py::arg("isa"),
+        "Run the CPU kernels with avx512, avx2 or base code ('' = the best this CPU supports).");
 }

@@ -1,8 +1,10 @@
-"""The one dispatch point for kernels: Triton for CUDA tensors, the torch reference otherwise.
+"""The one dispatch point for kernels: Triton for CUDA tensors, the C++ CPU kernels of nreft_engine._C
+for CPU tensors (kernels/cpu.py, where the extension provides them), the torch reference otherwise.
 
 Every op of the decode/prefill step goes through here, so a new backend is one change in one place.
 `NREFT_FORCE_TRITON=1` sends CPU tensors to the Triton kernels too (with TRITON_INTERPRET=1), which is
-how the engine's Triton path is checked on machines without a GPU.
+how the engine's Triton path is checked on machines without a GPU. `NREFT_CPU_KERNELS=0` sends CPU
+tensors to the torch references instead of the C++ kernels.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import torch
 
 from nreft_engine.kernels import activation as activation_kernels
+from nreft_engine.kernels import cpu as cpu_kernels
 from nreft_engine.kernels import paged_attention as paged_attention_kernels
 from nreft_engine.kernels import prefill_attention as prefill_attention_kernels
 from nreft_engine.kernels import rms_norm as rms_norm_kernels
@@ -26,10 +29,18 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or os.environ.get("NREFT_FORCE_TRITON") == "1"
 
 
+def use_cpu_kernels(t: torch.Tensor) -> bool:
+    """True when `t` should go to a C++ CPU kernel (when the op has one)."""
+    return t.device.type == "cpu" and cpu_kernels.AVAILABLE and os.environ.get("NREFT_CPU_KERNELS") != "0"
+
+
 def _pick(module, name: str, t: torch.Tensor):
     triton_fn = getattr(module, f"{name}_triton", None)
     if triton_fn is not None and use_triton(t):
         return triton_fn
+    cpu_fn = getattr(cpu_kernels, f"{name}_cpu", None)
+    if cpu_fn is not None and use_cpu_kernels(t):
+        return cpu_fn
     return getattr(module, f"{name}_reference")
 
 

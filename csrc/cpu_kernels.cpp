@@ -1,0 +1,340 @@
+// C++ CPU kernels: argument checks, the run-time choice of instruction set, and at::parallel_for over
+// independent work items (rows, or (sequence, kv head) pairs). The inner loops live in
+// cpu_kernels_impl.inc, compiled below once per instruction set.
+#include "cpu_kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+// 64-byte vector types only ever cross always-inline helpers inside one ISA section: no ABI is involved.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace nreft {
+namespace cpu_impl {
+
+struct AttnArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  const int32_t* tables;
+  const int32_t* ctx;
+  int64_t q_sb, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh, t_sb, o_sb, o_sh;  // strides, in elements
+  int64_t kv_heads, group, dim, block_size, max_ctx;
+  float scale;
+  bool bf16;
+};
+
+struct RmsArgs {
+  const void* x;
+  void* res;  // nullptr: no residual
+  const void* w;
+  void* y;
+  int64_t x_rs, res_rs, y_rs, dim;  // row strides, in elements
+  float eps;
+  bool bf16, w_bf16;
+};
+
+struct SiluArgs {
+  const void* gate;
+  const void* up;
+  void* out;
+  int64_t g_rs, u_rs, o_rs, cols;
+  bool bf16;
+};
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define NREFT_X86_MULTI 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2")
+namespace avx512 {
+#include "cpu_kernels_impl.inc"
+}  // namespace avx512
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2")
+namespace avx2 {
+#include "cpu_kernels_impl.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+namespace base {
+#include "cpu_kernels_impl.inc"
+}  // namespace base
+
+struct Impl {
+  const char* name;
+  void (*attn)(const AttnArgs&, int64_t, int64_t, float*);
+  void (*rms)(const RmsArgs&, int64_t, int64_t);
+  void (*silu)(const SiluArgs&, int64_t, int64_t);
+};
+
+const Impl kBase{"base", &base::paged_attention_range, &base::rms_norm_range, &base::silu_and_mul_range};
+#ifdef NREFT_X86_MULTI
+const Impl kAvx2{"avx2", &avx2::paged_attention_range, &avx2::rms_norm_range, &avx2::silu_and_mul_range};
+const Impl kAvx512{"avx512", &avx512::paged_attention_range, &avx512::rms_norm_range, &avx512::silu_and_mul_range};
+#endif
+
+bool supported(const std::string& isa) {
+  if (isa == "base") return true;
+#ifdef NREFT_X86_MULTI
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == "avx2") return avx2;
+  if (isa == "avx512")
+    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#endif
+  return false;
+}
+
+const Impl* by_name(const std::string& isa) {
+#ifdef NREFT_X86_MULTI
+  if (isa == "avx512") return &kAvx512;
+  if (isa == "avx2") return &kAvx2;
+#endif
+  return &kBase;
+}
+
+const Impl* best() {
+  for (const char* isa : {"avx512", "avx2"})
+    if (supported(isa)) return by_name(isa);
+  return &kBase;
+}
+
+const Impl* initial() {
+  const char* env = std::getenv("NREFT_CPU_ISA");
+  if (env && *env && supported(env)) return by_name(env);
+  return best();
+}
+
+const Impl* g_impl = initial();
+
+// [rows, cols] view of t with unit column stride: false when the leading dims do not share one row stride.
+bool row_view(const at::Tensor& t, int64_t* rows, int64_t* row_stride) {
+  const int64_t nd = t.dim(), cols = nd ? t.size(-1) : 1;
+  if (nd && cols > 1 && t.stride(-1) != 1) return false;
+  int64_t r = 1, rs = cols, expected = -1;
+  for (int64_t d = nd - 2; d >= 0; --d) {
+    r *= t.size(d);
+    if (t.size(d) == 1) continue;
+    if (expected < 0) {
+      rs = t.stride(d);
+      expected = rs * t.size(d);
+    } else {
+      if (t.stride(d) != expected) return false;
+      expected *= t.size(d);
+    }
+  }
+  *rows = r;
+  *row_stride = rs;
+  return true;
+}
+
+bool is_f32_or_bf16(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
+}
+
+at::Tensor checked_out(const std::optional<at::Tensor>& out, at::IntArrayRef shape, at::ScalarType dtype,
+                       const at::Device& device, const char* what) {
+  if (!out.has_value()) return at::empty(shape, at::TensorOptions().dtype(dtype).device(device));
+  const at::Tensor& o = *out;
+  TORCH_CHECK_VALUE(o.sizes() == shape, what, ": out must have shape ", shape, ", got ", o.sizes());
+  TORCH_CHECK_TYPE(o.scalar_type() == dtype, what, ": out must be ", dtype, ", got ", o.scalar_type());
+  TORCH_CHECK_VALUE(o.device() == device && o.is_contiguous(), what, ": out must be contiguous on ", device);
+  return o;
+}
+
+}  // namespace cpu_impl
+
+using namespace cpu_impl;
+
+std::string cpu_isa() { return g_impl->name; }
+
+void set_cpu_isa(const std::string& isa) {
+  if (isa.empty()) {
+    g_impl = best();
+    return;
+  }
+  TORCH_CHECK_VALUE(isa == "avx512" || isa == "avx2" || isa == "base", "set_cpu_isa: unknown isa '", isa,
+                    "' (avx512, avx2, base)");
+  TORCH_CHECK_VALUE(supported(isa), "set_cpu_isa: this CPU does not support ", isa);
+  g_impl = by_name(isa);
+}
+
+at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                      const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                      const std::optional<at::Tensor>& out) {
+  const char* what = "paged_decode_attention_cpu";
+  TORCH_CHECK_VALUE(q.is_cpu() && k_cache.is_cpu() && v_cache.is_cpu() && block_tables.is_cpu() &&
+                        context_lens.is_cpu(),
+                    what, ": all tensors must be on the CPU");
+  TORCH_CHECK_VALUE(q.dim() == 3, what, ": q must be [B, H, D], got ", q.sizes());
+  TORCH_CHECK_VALUE(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(), what,
+                    ": caches must both be [num_blocks, block_size, KVH, D], got ", k_cache.sizes(), " and ",
+                    v_cache.sizes());
+  TORCH_CHECK_TYPE(is_f32_or_bf16(q) && k_cache.scalar_type() == q.scalar_type() &&
+                       v_cache.scalar_type() == q.scalar_type(),
+                   what, ": q and caches must share one dtype, float32 or bfloat16");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t NB = k_cache.size(0), bs = k_cache.size(1), KVH = k_cache.size(2);
+  TORCH_CHECK_VALUE(k_cache.size(3) == D, what, ": head_dim of q (", D, ") != cache (", k_cache.size(3), ")");
+  TORCH_CHECK_VALUE(KVH > 0 && H % KVH == 0, what, ": heads ", H, " not a multiple of kv heads ", KVH);
+  TORCH_CHECK_VALUE(D % 16 == 0 && D > 0, what, ": head_dim must be a multiple of 16, got ", D);
+  TORCH_CHECK_VALUE(q.stride(2) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1, what,
+                    ": the last dim of q and the caches must be contiguous");
+  TORCH_CHECK_TYPE(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt, what,
+                   ": block_tables and context_lens must be int32");
+  TORCH_CHECK_VALUE(block_tables.dim() == 2 && block_tables.size(0) == B, what, ": block_tables must be [", B,
+                    ", W], got ", block_tables.sizes());
+  TORCH_CHECK_VALUE(context_lens.dim() == 1 && context_lens.size(0) == B, what, ": context_lens must be [", B,
+                    "], got ", context_lens.sizes());
+  at::Tensor o = checked_out(out, q.sizes(), q.scalar_type(), q.device(), what);
+  if (B == 0 || H == 0) return o;
+  const at::Tensor tables = block_tables.stride(1) == 1 ? block_tables : block_tables.contiguous();
+  const at::Tensor ctx = context_lens.contiguous();
+  const int32_t* tp = tables.data_ptr<int32_t>();
+  const int32_t* cp = ctx.data_ptr<int32_t>();
+  const int64_t W = tables.size(1), t_sb = tables.stride(0);
+  int64_t max_ctx = 0;
+  for (int64_t b = 0; b < B; ++b) {  // validate before any thread reads the cache
+    const int64_t c = cp[b];
+    TORCH_CHECK_VALUE(c <= W * bs, what, ": context_lens[", b, "] = ", c, " exceeds the block table (", W,
+                      " blocks of ", bs, ")");
+    for (int64_t i = 0; i * bs < c; ++i)
+      TORCH_CHECK_VALUE(tp[b * t_sb + i] >= 0 && tp[b * t_sb + i] < NB, what, ": block_tables[", b, ", ", i,
+                        "] = ", tp[b * t_sb + i], " out of range [0, ", NB, ")");
+    max_ctx = c > max_ctx ? c : max_ctx;
+  }
+  AttnArgs a{};
+  a.q = q.data_ptr();
+  a.k = k_cache.data_ptr();
+  a.v = v_cache.data_ptr();
+  a.out = o.data_ptr();
+  a.tables = tp;
+  a.ctx = cp;
+  a.q_sb = q.stride(0);
+  a.q_sh = q.stride(1);
+  a.k_sb = k_cache.stride(0);
+  a.k_st = k_cache.stride(1);
+  a.k_sh = k_cache.stride(2);
+  a.v_sb = v_cache.stride(0);
+  a.v_st = v_cache.stride(1);
+  a.v_sh = v_cache.stride(2);
+  a.t_sb = t_sb;
+  a.o_sb = o.stride(0);
+  a.o_sh = o.stride(1);
+  a.kv_heads = KVH;
+  a.group = H / KVH;
+  a.dim = D;
+  a.block_size = bs;
+  a.max_ctx = max_ctx;
+  a.scale = static_cast<float>(scale);
+  a.bf16 = q.scalar_type() == at::kBFloat16;
+  const int64_t cap = (max_ctx + 15) / 16 * 16;
+  const int64_t scratch = 2 * a.group * D + D + a.group + a.group * cap;  // see the kernels' layout
+  const Impl* impl = g_impl;
+  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(scratch);
+    impl->attn(a, begin, end, buf.data());
+  });
+  return o;
+}
+
+at::Tensor rms_norm_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, double eps,
+                        const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& out) {
+  const char* what = "rms_norm_cpu";
+  TORCH_CHECK_VALUE(x_in.is_cpu() && weight_in.is_cpu(), what, ": tensors must be on the CPU");
+  TORCH_CHECK_VALUE(x_in.dim() >= 1, what, ": x must have at least one dim");
+  const int64_t D = x_in.size(-1);
+  TORCH_CHECK_VALUE(weight_in.dim() == 1 && weight_in.size(0) == D, what, ": weight must be [", D, "], got ",
+                    weight_in.sizes());
+  TORCH_CHECK_TYPE(is_f32_or_bf16(x_in) && is_f32_or_bf16(weight_in), what,
+                   ": x and weight must be float32 or bfloat16");
+  const bool has_res = residual.has_value() && residual->defined();
+  if (has_res) {
+    TORCH_CHECK_VALUE(residual->is_cpu() && residual->sizes() == x_in.sizes(), what,
+                      ": residual must be a CPU tensor shaped like x ", x_in.sizes(), ", got ", residual->sizes());
+    TORCH_CHECK_TYPE(residual->scalar_type() == x_in.scalar_type(), what, ": residual dtype ",
+                     residual->scalar_type(), " != x dtype ", x_in.scalar_type());
+  }
+  const at::ScalarType out_dtype = at::result_type(weight_in, x_in);
+  at::Tensor y = checked_out(out, x_in.sizes(), out_dtype, x_in.device(), what);
+  if (x_in.numel() == 0) return y;
+  int64_t rows = 0, x_rs = 0, res_rs = 0;
+  at::Tensor x = x_in;
+  if (!row_view(x, &rows, &x_rs)) {
+    x = x_in.contiguous();
+    row_view(x, &rows, &x_rs);
+  }
+  at::Tensor res;
+  bool copy_back = false;
+  if (has_res) {
+    res = *residual;
+    int64_t r2 = 0;
+    if (!row_view(res, &r2, &res_rs) || (rows > 1 && res_rs < D)) {
+      res = residual->contiguous();
+      row_view(res, &r2, &res_rs);
+      copy_back = true;
+    }
+  }
+  const at::Tensor w = weight_in.stride(0) == 1 ? weight_in : weight_in.contiguous();
+  RmsArgs a{};
+  a.x = x.data_ptr();
+  a.res = has_res ? res.data_ptr() : nullptr;
+  a.w = w.data_ptr();
+  a.y = y.data_ptr();
+  a.x_rs = x_rs;
+  a.res_rs = res_rs;
+  a.y_rs = D;
+  a.dim = D;
+  a.eps = static_cast<float>(eps);
+  a.bf16 = x.scalar_type() == at::kBFloat16;
+  a.w_bf16 = w.scalar_type() == at::kBFloat16;
+  const Impl* impl = g_impl;
+  const int64_t grain = D >= 16384 ? 1 : 16384 / D;
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { impl->rms(a, begin, end); });
+  if (copy_back) residual->copy_(res);
+  return y;
+}
+
+at::Tensor silu_and_mul_cpu(const at::Tensor& gate_in, const at::Tensor& up_in,
+                            const std::optional<at::Tensor>& out) {
+  const char* what = "silu_and_mul_cpu";
+  TORCH_CHECK_VALUE(gate_in.is_cpu() && up_in.is_cpu(), what, ": tensors must be on the CPU");
+  TORCH_CHECK_VALUE(gate_in.sizes() == up_in.sizes() && gate_in.dim() >= 1, what,
+                    ": gate and up must have one shape, got ", gate_in.sizes(), " and ", up_in.sizes());
+  TORCH_CHECK_TYPE(is_f32_or_bf16(gate_in) && up_in.scalar_type() == gate_in.scalar_type(), what,
+                   ": gate and up must share one dtype, float32 or bfloat16");
+  at::Tensor o = checked_out(out, gate_in.sizes(), gate_in.scalar_type(), gate_in.device(), what);
+  if (gate_in.numel() == 0) return o;
+  at::Tensor gate = gate_in, up = up_in;
+  int64_t rows = 0, g_rs = 0, u_rs = 0;
+  if (!row_view(gate, &rows, &g_rs)) {
+    gate = gate_in.contiguous();
+    row_view(gate, &rows, &g_rs);
+  }
+  if (!row_view(up, &rows, &u_rs)) {
+    up = up_in.contiguous();
+    row_view(up, &rows, &u_rs);
+  }
+  SiluArgs a{};
+  a.gate = gate.data_ptr();
+  a.up = up.data_ptr();
+  a.out = o.data_ptr();
+  a.g_rs = g_rs;
+  a.u_rs = u_rs;
+  a.cols = gate.size(-1);
+  a.o_rs = a.cols;
+  a.bf16 = gate.scalar_type() == at::kBFloat16;
+  const Impl* impl = g_impl;
+  const int64_t grain = a.cols >= 16384 ? 1 : 16384 / a.cols;
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { impl->silu(a, begin, end); });
+  return o;
+}
+
+}  // namespace nreft

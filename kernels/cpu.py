@@ -1,0 +1,101 @@
+"""The C++ CPU kernels of nreft_engine._C (csrc/cpu_kernels.cpp), behind the torch references' signatures.
+
+`ops.py` sends CPU tensors here when the extension provides them. Each wrapper runs the C++ kernel on the
+inputs it supports (float32 / bfloat16, the usual layouts, no autograd) and the torch reference otherwise,
+so results are always the reference's: fp32 within 1e-5 relative, bf16 rounded at the same points
+(residual sum, silu before the multiply, normalized row before the weight multiply).
+
+The kernels are compiled for AVX-512, AVX2 and baseline x86-64 and pick the best the CPU has at import;
+`set_isa` (tests, benchmarks) or NREFT_CPU_ISA=avx512|avx2|base choose one explicitly.
+"""
+
+from __future__ import annotations
+
+import torch
+from nreft_engine.kernels.activation import silu_and_mul_reference
+from nreft_engine.kernels.paged_attention import paged_decode_attention_reference
+from nreft_engine.kernels.rms_norm import rms_norm_reference
+
+try:
+    from nreft_engine import _C
+except ImportError:  # a source tree without the built extension: the references serve
+    _C = None
+
+AVAILABLE = _C is not None and hasattr(_C, "paged_decode_attention_cpu")
+
+_DTYPES = (torch.float32, torch.bfloat16)
+
+__all__ = ["AVAILABLE", "isa", "paged_decode_attention_cpu", "rms_norm_cpu", "set_isa", "silu_and_mul_cpu"]
+
+
+def isa() -> str | None:
+    """The instruction set the kernels run ("avx512", "avx2", "base"), None without the extension."""
+    return _C.cpu_isa() if AVAILABLE else None
+
+
+def set_isa(name: str = "") -> None:
+    """Run the kernels with `name` ("" = the best this CPU supports); ValueError if the CPU lacks it."""
+    _C.set_cpu_isa(name)
+
+
+def _autograd(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def rms_norm_cpu(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """C++ `rms_norm_reference`: one pass per row for the sum (written into `residual`) and its squares,
+    one for the output. Any leading shape (e.g. [T, heads, D] for per-head q/k norms)."""
+    if (
+        x.dtype in _DTYPES
+        and weight.dtype in _DTYPES
+        and x.dim() >= 1
+        and weight.dim() == 1
+        and weight.shape[0] == x.shape[-1]
+        and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape))
+        and not _autograd(x, weight, residual)
+    ):
+        y = _C.rms_norm_cpu(x, weight, eps, residual)
+        return y, (residual if residual is not None else x)
+    return rms_norm_reference(x, weight, eps, residual)
+
+
+def paged_decode_attention_cpu(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """C++ `paged_decode_attention_reference`: one task per (sequence, kv head) loads the GQA group's
+    queries once and walks the block table in place (no gather copy); head_dim a multiple of 16."""
+    if (
+        q.dtype in _DTYPES
+        and k_cache.dtype == q.dtype
+        and v_cache.dtype == q.dtype
+        and q.dim() == 3
+        and k_cache.dim() == 4
+        and q.shape[-1] % 16 == 0
+        and not _autograd(q, k_cache, v_cache)
+    ):
+        if block_tables.dtype != torch.int32:
+            block_tables = block_tables.to(torch.int32)
+        if context_lens.dtype != torch.int32:
+            context_lens = context_lens.to(torch.int32)
+        return _C.paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, context_lens, float(scale))
+    return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def silu_and_mul_cpu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """C++ `silu_and_mul_reference`, one fused pass; gate/up may be strided row views."""
+    if (
+        gate.dtype in _DTYPES
+        and up.dtype == gate.dtype
+        and gate.shape == up.shape
+        and gate.dim() >= 1
+        and not _autograd(gate, up)
+    ):
+        return _C.silu_and_mul_cpu(gate, up)
+    return silu_and_mul_reference(gate, up)

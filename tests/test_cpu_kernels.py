@@ -1,0 +1,248 @@
+"""The C++ CPU kernels of nreft_engine._C (csrc/cpu_kernels.cpp) == their torch references (kernels/*.py).
+
+Every case runs on each instruction set this CPU supports (the kernels are compiled for AVX-512, AVX2 and
+baseline x86-64, chosen at run time), with outputs poisoned with NaN so an unwritten element fails.
+"""
+
+import os
+from unittest import mock
+
+import pytest
+import torch
+from kernel_testing import assert_close_rel, random_block_tables
+from nreft_engine.kernels import cpu
+from nreft_engine.kernels.activation import silu_and_mul_reference
+from nreft_engine.kernels.paged_attention import paged_decode_attention_reference
+from nreft_engine.kernels.rms_norm import rms_norm_reference
+
+from nreft_engine import ops
+
+pytestmark = pytest.mark.skipif(not cpu.AVAILABLE, reason="nreft_engine._C built without the CPU kernels")
+
+C = cpu._C
+ISAS = ["avx512", "avx2", "base"]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    try:
+        cpu.set_isa(request.param)
+    except ValueError:
+        pytest.skip(f"this CPU has no {request.param}")
+    yield request.param
+    cpu.set_isa("")
+
+
+def _nan_like(shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+# ------------------------------------------------ paged decode attention ------------------------------------------------
+
+CONTEXTS = [1, 15, 17, 100]
+
+
+def _attn_case(dtype, head_dim, group, page, contexts, kv_heads=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    batch = len(contexts)
+    num_blocks = sum(-(-c // page) for c in contexts) + 7  # spare blocks never referenced
+    k_cache = torch.randn(num_blocks, page, kv_heads, head_dim, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, page, kv_heads, head_dim, generator=gen).to(dtype)
+    tables = random_block_tables(batch, contexts, page, num_blocks, gen, pad_to=-(-max(contexts) // page) + 2)
+    q = torch.randn(batch, group * kv_heads, head_dim, generator=gen).to(dtype)
+    ctx = torch.tensor(contexts, dtype=torch.int32)
+    return q, k_cache, v_cache, tables, ctx, head_dim**-0.5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "head_dim", [64, 128, 96]
+)  # 64/128: the register-blocked kernels; 96: the generic one
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+@pytest.mark.parametrize("page", [16, 32])
+def test_paged_decode_attention(isa, dtype, head_dim, group, page):
+    q, kc, vc, tables, ctx, scale = _attn_case(
+        dtype, head_dim, group, page, CONTEXTS, seed=group * page + head_dim
+    )
+    ref = paged_decode_attention_reference(q, kc, vc, tables, ctx, scale)
+    out = C.paged_decode_attention_cpu(q, kc, vc, tables, ctx, scale, out=_nan_like(q.shape, dtype))
+    assert_close_rel(out, ref, dtype)
+    assert_close_rel(cpu.paged_decode_attention_cpu(q, kc, vc, tables, ctx, scale), ref, dtype)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 32])
+def test_paged_decode_attention_large_group_long_context(isa, head_dim):
+    """A group of 32 query heads on one kv head, and contexts up to 2000 tokens."""
+    q, kc, vc, tables, ctx, scale = _attn_case(
+        torch.float32, head_dim, 32, 16, [2000, 3, 513], kv_heads=1, seed=3
+    )
+    ref = paged_decode_attention_reference(q, kc, vc, tables, ctx, scale)
+    out = C.paged_decode_attention_cpu(q, kc, vc, tables, ctx, scale, out=_nan_like(q.shape, q.dtype))
+    assert_close_rel(out, ref, torch.float32)
+
+
+def test_paged_decode_attention_strided_q_and_int64_metadata():
+    """q a view into a wider projection output; int64 tables / lengths go through the wrapper."""
+    _, kc, vc, tables, ctx, scale = _attn_case(torch.float32, 64, 3, 16, CONTEXTS, seed=11)
+    wide = torch.randn(len(CONTEXTS), 6, 3 * 64)
+    q = wide[:, :, 64:128]
+    assert not q.is_contiguous()
+    ref = paged_decode_attention_reference(q.contiguous(), kc, vc, tables, ctx, scale)
+    assert_close_rel(C.paged_decode_attention_cpu(q, kc, vc, tables, ctx, scale), ref, torch.float32)
+    assert_close_rel(
+        cpu.paged_decode_attention_cpu(q, kc, vc, tables.long(), ctx.long(), scale), ref, torch.float32
+    )
+
+
+def test_paged_decode_attention_rejects_bad_tables():
+    q, kc, vc, tables, ctx, scale = _attn_case(torch.float32, 64, 1, 16, [20, 5], seed=5)
+    bad = tables.clone()
+    bad[0, 1] = kc.shape[0]  # a block the cache does not have, inside the sequence's context
+    with pytest.raises(ValueError, match="out of range"):
+        C.paged_decode_attention_cpu(q, kc, vc, bad, ctx, scale)
+    with pytest.raises(ValueError, match="exceeds the block table"):
+        C.paged_decode_attention_cpu(
+            q, kc, vc, tables, torch.tensor([20, 16 * tables.shape[1] + 1], dtype=torch.int32), scale
+        )
+    with pytest.raises(ValueError, match="multiple of 16"):
+        C.paged_decode_attention_cpu(q[..., :40], kc[..., :40], vc[..., :40], tables, ctx, scale)
+
+
+def test_paged_decode_attention_falls_back_for_other_head_dims():
+    q, kc, vc, tables, ctx, scale = _attn_case(torch.float32, 40, 2, 16, CONTEXTS, seed=9)
+    ref = paged_decode_attention_reference(q, kc, vc, tables, ctx, scale)
+    assert torch.equal(cpu.paged_decode_attention_cpu(q, kc, vc, tables, ctx, scale), ref)
+
+
+# ------------------------------------------------ residual add + RMSNorm ------------------------------------------------
+
+
+def _check_rms(x, weight, residual, eps=1e-6, out_dtype=None):
+    res_ref = residual.clone() if residual is not None else None
+    y_ref, _ = rms_norm_reference(x, weight, eps, res_ref)
+    out_dtype = out_dtype or y_ref.dtype
+    y = C.rms_norm_cpu(x, weight, eps, residual, out=_nan_like(x.shape, out_dtype))
+    assert_close_rel(y, y_ref, out_dtype)
+    if residual is not None:
+        assert torch.equal(residual, res_ref), "the residual sum must round exactly as residual.add_"
+    return y_ref
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [576, 1000, 64, 17])  # 1000 and 17: a scalar tail after the vectors
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("weight_dtype", ["same", "float32"])
+def test_rms_norm(isa, dtype, hidden, with_residual, weight_dtype):
+    gen = torch.Generator().manual_seed(hidden)
+    x = torch.randn(9, hidden, generator=gen).to(dtype)
+    weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(
+        dtype if weight_dtype == "same" else torch.float32
+    )
+    residual = torch.randn(9, hidden, generator=gen).to(dtype) if with_residual else None
+    _check_rms(x, weight, residual)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_wrapper_returns_residual_in_place(dtype):
+    x = torch.randn(5, 576).to(dtype)
+    weight = torch.randn(576).to(dtype)
+    residual = torch.randn(5, 576).to(dtype)
+    res_ref = residual.clone()
+    y_ref, _ = rms_norm_reference(x, weight, 1e-5, res_ref)
+    y, r = cpu.rms_norm_cpu(x, weight, 1e-5, residual)
+    assert r is residual and torch.equal(residual, res_ref)
+    assert_close_rel(y, y_ref, dtype)
+    y, r = cpu.rms_norm_cpu(x, weight, 1e-5)
+    assert r is x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_per_head_views(isa, dtype):
+    """q/k norms over the last dim of [T, heads, D] views: contiguous, strided rows (a slice of a fused
+    projection), and a layout whose leading dims share no row stride (transposed), residual included."""
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(64, generator=gen).to(dtype)
+    fused = torch.randn(6, 4, 3 * 64, generator=gen).to(dtype)
+    _check_rms(fused[..., :64].contiguous(), weight, None)
+    _check_rms(fused[..., 64:128], weight, None)  # rows 192 apart
+    x = torch.randn(4, 6, 64, generator=gen).to(dtype).transpose(0, 1)  # [6, 4, 64], no single row stride
+    residual = torch.randn(4, 6, 64, generator=gen).to(dtype).transpose(0, 1)
+    _check_rms(x, weight, residual)
+    _check_rms(
+        torch.randn(64, generator=gen).to(dtype), weight, torch.randn(64, generator=gen).to(dtype)
+    )  # 1-D
+
+
+def test_rms_norm_falls_back_for_mixed_dtypes():
+    x = torch.randn(3, 32).bfloat16()
+    residual = torch.randn(3, 32)  # fp32 residual stream, bf16 x: the reference's promotion rules
+    res_ref = residual.clone()
+    y_ref, _ = rms_norm_reference(x, torch.ones(32), 1e-6, res_ref)
+    y, r = cpu.rms_norm_cpu(x, torch.ones(32), 1e-6, residual)
+    assert r is residual and torch.equal(residual, res_ref) and torch.equal(y, y_ref)
+
+
+# ------------------------------------------------ silu(gate) * up ------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cols", [1536, 1000, 7])
+def test_silu_and_mul(isa, dtype, cols):
+    gen = torch.Generator().manual_seed(cols)
+    gate = (6 * torch.randn(11, cols, generator=gen)).to(dtype)
+    up = torch.randn(11, cols, generator=gen).to(dtype)
+    ref = silu_and_mul_reference(gate, up)
+    out = C.silu_and_mul_cpu(gate, up, out=_nan_like(gate.shape, dtype))
+    assert_close_rel(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_strided_halves(isa, dtype):
+    """gate and up as the two halves of one fused [T, 2I] projection, with a leading batch dim."""
+    fused = torch.randn(2, 5, 2 * 96).to(dtype)
+    gate, up = fused[..., :96], fused[..., 96:]
+    assert_close_rel(cpu.silu_and_mul_cpu(gate, up), silu_and_mul_reference(gate, up), dtype)
+
+
+def test_silu_exp_range_and_special_values(isa):
+    """The vector exp over its whole range (overflow, subnormal results) and inf / NaN inputs."""
+    gate = torch.cat(
+        [
+            torch.linspace(-110, 110, 4001),
+            torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0]),
+        ]
+    )
+    up = torch.ones_like(gate)
+    gate, up = gate.repeat(3, 1), up.repeat(3, 1)
+    out = C.silu_and_mul_cpu(gate, up)
+    torch.testing.assert_close(out, silu_and_mul_reference(gate, up), rtol=4e-7, atol=1e-38, equal_nan=True)
+    # against float64 where exp(-x) is finite in fp32 (below, both give -0 where the true value is ~-1e-37)
+    finite = gate > -88
+    exact = (gate.double() / (1 + torch.exp(-gate.double()))).float()
+    torch.testing.assert_close(out[finite], exact[finite], rtol=4e-7, atol=1e-38)
+
+
+# ------------------------------------------------ dispatch ------------------------------------------------
+
+
+def test_ops_dispatch_picks_cpu_kernels():
+    from nreft_engine.kernels import rms_norm as rms_mod
+
+    t = torch.zeros(1)
+    with mock.patch.dict(os.environ, {"NREFT_FORCE_TRITON": "0", "NREFT_CPU_KERNELS": "1"}):
+        assert ops._pick(rms_mod, "rms_norm", t) is cpu.rms_norm_cpu
+    with mock.patch.dict(os.environ, {"NREFT_CPU_KERNELS": "0", "NREFT_FORCE_TRITON": "0"}):
+        assert ops._pick(rms_mod, "rms_norm", t) is rms_mod.rms_norm_reference
+    with mock.patch.dict(os.environ, {"NREFT_FORCE_TRITON": "1"}):
+        assert ops._pick(rms_mod, "rms_norm", t) is rms_mod.rms_norm_triton
+
+
+def test_isa_selection():
+    assert cpu.isa() in ISAS
+    with pytest.raises(ValueError, match="unknown isa"):
+        cpu.set_isa("sse9")
+    cpu.set_isa("base")
+    assert cpu.isa() == "base"
+    cpu.set_isa("")
+    assert cpu.isa() in ISAS
