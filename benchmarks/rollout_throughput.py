@@ -31,6 +31,7 @@ def run_case(model, tokenizer, dtype_name: str, num_prompts: int, n: int, max_to
         rows.append({"system": f"engine skip {ratio}", **measure_engine(engine, prompts, n, max_tokens, ratio)})
     for row in rows:
         row.update(dtype=dtype_name, sequences=num_prompts * n, max_tokens=max_tokens)
+        print(f"  {dtype_name} x{num_prompts * n} {row['system']}: {row['tokens_per_second']:.1f} tok/s", flush=True)
     return rows
 
 

@@ -9,6 +9,8 @@ import sys
 
 import torch
 
+from nreft_engine.train.command import add_train_arguments, run_train
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -106,14 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--skip-ratios", type=float, nargs="+", default=[0.0, 0.25, 0.5])
     bench.set_defaults(func=_bench)
 
-    try:
-        from nreft_engine.train.command import add_train_arguments, run_train
-    except ImportError:
-        add_train_arguments = None
-    if add_train_arguments is not None:
-        train = sub.add_parser("train", help="Nested-ReFT training (RL with verifiable rewards)")
-        add_train_arguments(train)
-        train.set_defaults(func=run_train)
+    train = sub.add_parser("train", help="Nested-ReFT training (RL with verifiable rewards)")
+    add_train_arguments(train)
+    train.set_defaults(func=run_train)
     return parser
 
 

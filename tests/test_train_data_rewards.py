@@ -27,11 +27,11 @@ def test_arithmetic_task_is_seeded_and_heldout_is_disjoint():
     assert a == b and len(a.heldout) == 200 and len(a.train) > 100
     assert not {p.question for p in a.heldout} & {p.question for p in a.train}
     p = a.train[0]
-    x, _, y, _ = p.question.split()
+    x, _, y, _, _ = p.question.split()
     assert int(p.answer) == int(x) + int(y)
     assert arithmetic_task(seed=4).heldout != a.heldout
     hard = arithmetic_task(seed=0, difficulty=3, num_heldout=50)
-    assert all(len(p.question.split()) == 6 for p in hard.heldout)
+    assert all(len(p.question.split()) == 7 for p in hard.heldout)
 
 
 def test_batches_follow_the_step_only():
@@ -66,7 +66,7 @@ def test_prompts_go_through_the_chat_template():
     tok = char_tokenizer()
     ids = render_prompts(tok, arithmetic_task(0).heldout[:2], system="Be brief.")
     text = tok.decode(ids[0])
-    assert text.startswith("s:Be brief.\nu:") and text.endswith("=\na:")
+    assert text.startswith("s:Be brief.\nu:") and text.endswith("= ?\na:")
 
 
 @pytest.mark.parametrize("completion, expected", [

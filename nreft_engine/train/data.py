@@ -60,7 +60,7 @@ def arithmetic_task(seed: int = 0, difficulty: int = 1, num_heldout: int = 200) 
         for _ in range(count - 1):
             terms += [rng.choice(ops), str(rng.randint(0, high))]
         questions.setdefault(" ".join(terms), None)
-    problems = [Problem(f"{q} =", str(eval(q))) for q in questions]
+    problems = [Problem(f"{q} = ?", str(eval(q))) for q in questions]
     return Task("arithmetic", train=problems[num_heldout:], heldout=problems[:num_heldout])
 
 
@@ -141,7 +141,9 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-INSTRUCTION = "Answer with the final number."
+# A strict short format the numeric reward can teach. With "a + b = ?" and this instruction the embedded
+# SmolLM2-135M answers ~30% of difficulty-1 problems greedily (vs ~16% for "a + b =" / "the final number").
+INSTRUCTION = "Answer with just the number."
 
 
 def render_prompts(tokenizer, problems: list[Problem], system: str = INSTRUCTION) -> list[list[int]]:
