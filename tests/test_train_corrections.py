@@ -74,7 +74,7 @@ def test_without_skipping_ratios_are_one_and_all_corrections_equal_grpo(tmp_path
         results[name] = (total, _grads(model).clone())
     base_loss, base_grad = results["none"]
     for name, (loss, grad) in results.items():
-        assert loss == pytest.approx(base_loss, rel=1e-4, abs=1e-6), name
+        assert loss == pytest.approx(base_loss, rel=1e-4, abs=1e-5), name  # retrace multiplies up to T ratios
         # ratios are 1 within 1e-5, so gradients agree to that order of the largest gradient entry
         assert torch.allclose(grad, base_grad, rtol=1e-4, atol=1e-4 * base_grad.abs().max().item()), name
 
