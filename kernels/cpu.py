@@ -12,25 +12,20 @@ The kernels are compiled for AVX-512, AVX2 and baseline x86-64 and pick the best
 from __future__ import annotations
 
 import torch
+
+from nreft_engine import _C
 from nreft_engine.kernels.activation import silu_and_mul_reference
 from nreft_engine.kernels.paged_attention import paged_decode_attention_reference
 from nreft_engine.kernels.rms_norm import rms_norm_reference
 
-try:
-    from nreft_engine import _C
-except ImportError:  # a source tree without the built extension: the references serve
-    _C = None
-
-AVAILABLE = _C is not None and hasattr(_C, "paged_decode_attention_cpu")
-
 _DTYPES = (torch.float32, torch.bfloat16)
 
-__all__ = ["AVAILABLE", "isa", "paged_decode_attention_cpu", "rms_norm_cpu", "set_isa", "silu_and_mul_cpu"]
+__all__ = ["isa", "paged_decode_attention_cpu", "rms_norm_cpu", "set_isa", "silu_and_mul_cpu"]
 
 
-def isa() -> str | None:
-    """The instruction set the kernels run ("avx512", "avx2", "base"), None without the extension."""
-    return _C.cpu_isa() if AVAILABLE else None
+def isa() -> str:
+    """The instruction set the kernels run ("avx512", "avx2", "base")."""
+    return _C.cpu_isa()
 
 
 def set_isa(name: str = "") -> None:

@@ -1,5 +1,5 @@
 """The one dispatch point for kernels: Triton for CUDA tensors, the C++ CPU kernels of nreft_engine._C
-for CPU tensors (kernels/cpu.py, where the extension provides them), the torch reference otherwise.
+for CPU tensors (kernels/cpu.py, where the op has one), the torch reference otherwise.
 
 Every op of the decode/prefill step goes through here, so a new backend is one change in one place.
 `NREFT_FORCE_TRITON=1` sends CPU tensors to the Triton kernels too (with TRITON_INTERPRET=1), which is
@@ -31,7 +31,7 @@ def use_triton(t: torch.Tensor) -> bool:
 
 def use_cpu_kernels(t: torch.Tensor) -> bool:
     """True when `t` should go to a C++ CPU kernel (when the op has one)."""
-    return t.device.type == "cpu" and cpu_kernels.AVAILABLE and os.environ.get("NREFT_CPU_KERNELS") != "0"
+    return t.device.type == "cpu" and os.environ.get("NREFT_CPU_KERNELS") != "0"
 
 
 def _pick(module, name: str, t: torch.Tensor):

@@ -17,8 +17,6 @@ from nreft_engine.kernels.rms_norm import rms_norm_reference
 
 from nreft_engine import ops
 
-pytestmark = pytest.mark.skipif(not cpu.AVAILABLE, reason="nreft_engine._C built without the CPU kernels")
-
 C = cpu._C
 ISAS = ["avx512", "avx2", "base"]
 DTYPES = [torch.float32, torch.bfloat16]
