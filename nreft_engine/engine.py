@@ -9,6 +9,7 @@ from typing import Sequence as Seq
 import torch
 from tqdm.auto import tqdm
 
+from nreft_engine import ops
 from nreft_engine.cache import PagedKVCache, resolve_budget
 from nreft_engine.models.loader import load_model, prepare_model
 from nreft_engine.models.weights import DecoderWeights, rope_tables
@@ -26,9 +27,12 @@ Prompt = str | list[int]
 class Engine:
     """Samples n completions per prompt from a model, optionally with a random subset of layers skipped.
 
-    The engine reads the model's parameters in place (no copy): an optimizer step on `model` is seen by
-    the next `generate`. The KV cache reserves `kv_cache_memory` (bytes, or a fraction of the memory
-    available now) once, and each call lays out as many blocks as fit for its active layers.
+    The engine reads the model's parameters in place: an optimizer step on `model` is seen by the next
+    `generate`. With `prepack_weights` (default: on for CPU, where oneDNN's blocked layout runs the
+    matmuls about 1.8x faster) it keeps a prepacked copy of the linear weights, rebuilt at the start of
+    a call for the parameters that changed; with `prepack_weights=False` nothing is copied. The KV cache
+    reserves `kv_cache_memory` (bytes, or a fraction of the memory available now) once, and each call
+    lays out as many blocks as fit for its active layers.
     """
 
     def __init__(
@@ -41,6 +45,7 @@ class Engine:
         max_num_seqs: int = 256,
         max_prefill_tokens: int = 4096,
         max_model_len: int | None = None,
+        prepack_weights: bool | None = None,
     ):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -53,6 +58,7 @@ class Engine:
         self.max_model_len = min(max_model_len or self.spec.max_position_embeddings, self.spec.max_position_embeddings)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self.prepack_weights = ops.can_prepack_linear(self.device) if prepack_weights is None else prepack_weights
         self.eos_token_ids = self.spec.eos_token_ids
         self.sampler = Sampler(self.eos_token_ids)
         budget = resolve_budget(kv_cache_memory, self.device)
@@ -77,7 +83,8 @@ class Engine:
     def sync_weights(self) -> None:
         """Re-read the model's parameter tensors. Needed only if parameters were replaced, not updated in place."""
         cos, sin = rope_tables(self.model, self.max_model_len, self.device)
-        self.runner = ModelRunner(self.spec, DecoderWeights.from_model(self.model), cos, sin)
+        weights = DecoderWeights.from_model(self.model)
+        self.runner = ModelRunner(self.spec, weights, cos, sin, prepack=self.prepack_weights)
 
     def generate(
         self,
@@ -98,6 +105,7 @@ class Engine:
         all_params = self._params_per_prompt(params, len(prompts))
         prompt_ids = [self._encode(i, p) for i, p in enumerate(prompts)]
         plan = resolve_plan(skip, self.num_layers)
+        self.runner.refresh_weights()
         cache = PagedKVCache(self._kv_buffer, plan.num_active, self.block_size, self.spec.num_kv_heads, self.spec.head_dim)
         for i, (ids, p) in enumerate(zip(prompt_ids, all_params)):
             self._check_fits(i, ids, p, cache)

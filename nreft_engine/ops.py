@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 from nreft_engine.kernels import activation as activation_kernels
 from nreft_engine.kernels import cpu as cpu_kernels
@@ -21,7 +22,16 @@ from nreft_engine.kernels import rms_norm as rms_norm_kernels
 from nreft_engine.kernels import rope as rope_kernels
 from nreft_engine.kernels import sampler as sampler_kernels
 
-__all__ = ["rms_norm", "rope_write_kv", "paged_decode_attention", "prefill_attention", "silu_and_mul", "sample"]
+__all__ = [
+    "linear",
+    "paged_decode_attention",
+    "prefill_attention",
+    "prepare_linear_weight",
+    "rms_norm",
+    "rope_write_kv",
+    "sample",
+    "silu_and_mul",
+]
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -29,9 +39,9 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or os.environ.get("NREFT_FORCE_TRITON") == "1"
 
 
-def use_cpu_kernels(t: torch.Tensor) -> bool:
-    """True when `t` should go to a C++ CPU kernel (when the op has one)."""
-    return t.device.type == "cpu" and os.environ.get("NREFT_CPU_KERNELS") != "0"
+def use_cpu_kernels(device: torch.device) -> bool:
+    """True when tensors on `device` should go to the C++ CPU kernels (where the op has one)."""
+    return device.type == "cpu" and os.environ.get("NREFT_CPU_KERNELS") != "0"
 
 
 def _pick(module, name: str, t: torch.Tensor):
@@ -39,9 +49,29 @@ def _pick(module, name: str, t: torch.Tensor):
     if triton_fn is not None and use_triton(t):
         return triton_fn
     cpu_fn = getattr(cpu_kernels, f"{name}_cpu", None)
-    if cpu_fn is not None and use_cpu_kernels(t):
+    if cpu_fn is not None and use_cpu_kernels(t.device):
         return cpu_fn
     return getattr(module, f"{name}_reference")
+
+
+def can_prepack_linear(device: torch.device) -> bool:
+    """True when `prepare_linear_weight` gives weights on `device` a faster layout than their own."""
+    return use_cpu_kernels(device) and cpu_kernels.can_pack_linear()
+
+
+def prepare_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` [out, in] in the layout `linear` runs fastest with: oneDNN's blocked copy for the CPU
+    kernels (see kernels/cpu.py), the weight itself otherwise."""
+    if can_prepack_linear(weight.device) and weight.dtype in cpu_kernels.PACKED_LINEAR_DTYPES:
+        return cpu_kernels.pack_linear_weight(weight)
+    return weight
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias, for a plain weight or one from `prepare_linear_weight`."""
+    if weight.is_mkldnn:
+        return cpu_kernels.linear_packed(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 from nreft_engine import ops
 from nreft_engine.cache import PagedKVCache
+from nreft_engine.linear import FusedLinear
 from nreft_engine.models.spec import ModelSpec
-from nreft_engine.models.weights import DecoderWeights
+from nreft_engine.models.weights import DecoderWeights, LayerWeights
 from nreft_engine.skip import LayerPlan
 
 
@@ -31,14 +32,45 @@ class StepInputs:
         return self.cu_seqlens is not None
 
 
-class ModelRunner:
-    """Runs the decoder from views of the model's own parameters, so weight updates are seen at once."""
+@dataclass
+class LayerLinears:
+    """The matmuls of one decoder layer: fused q/k/v, o, fused gate/up, down."""
 
-    def __init__(self, spec: ModelSpec, weights: DecoderWeights, cos: torch.Tensor, sin: torch.Tensor):
+    qkv: FusedLinear
+    o: FusedLinear
+    gate_up: FusedLinear
+    down: FusedLinear
+
+    @classmethod
+    def from_weights(cls, layer: LayerWeights, prepack: bool) -> LayerLinears:
+        return cls(
+            qkv=FusedLinear([layer.q, layer.k, layer.v], [layer.q_bias, layer.k_bias, layer.v_bias], prepack=prepack),
+            o=FusedLinear([layer.o], [layer.o_bias], prepack=prepack),
+            gate_up=FusedLinear([layer.gate, layer.up], prepack=prepack),
+            down=FusedLinear([layer.down], prepack=prepack),
+        )
+
+    def all(self) -> tuple[FusedLinear, ...]:
+        return self.qkv, self.o, self.gate_up, self.down
+
+
+class ModelRunner:
+    """Runs the decoder from the model's own parameters (views, or prepacked copies kept in step with them)."""
+
+    def __init__(
+        self, spec: ModelSpec, weights: DecoderWeights, cos: torch.Tensor, sin: torch.Tensor, prepack: bool = False
+    ):
         self.spec = spec
         self.weights = weights
         self.cos, self.sin = cos, sin
         self.scale = spec.head_dim**-0.5
+        self.linears = [LayerLinears.from_weights(layer, prepack) for layer in weights.layers]
+        self.lm_head = FusedLinear([weights.lm_head], prepack=prepack)
+
+    def refresh_weights(self) -> int:
+        """Re-prepare the prepacked weights whose parameters changed in place; returns how many were."""
+        fused = [linear for layer in self.linears for linear in layer.all()] + [self.lm_head]
+        return sum(linear.refresh() for linear in fused)
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs, plan: LayerPlan, cache: PagedKVCache) -> torch.Tensor:
@@ -48,11 +80,12 @@ class ModelRunner:
         hidden = F.embedding(inputs.input_ids, w.embed)
         residual = None
         for slot, layer_id in enumerate(plan.active_layers):
-            layer = w.layers[layer_id]
+            layer, linears = w.layers[layer_id], self.linears[layer_id]
             x, residual = ops.rms_norm(hidden, layer.input_norm, spec.rms_norm_eps, residual)
-            q = F.linear(x, layer.q, layer.q_bias).view(tokens, spec.num_heads, spec.head_dim)
-            k = F.linear(x, layer.k, layer.k_bias).view(tokens, spec.num_kv_heads, spec.head_dim)
-            v = F.linear(x, layer.v, layer.v_bias).view(tokens, spec.num_kv_heads, spec.head_dim)
+            q, k, v = linears.qkv(x)
+            q = q.view(tokens, spec.num_heads, spec.head_dim)
+            k = k.view(tokens, spec.num_kv_heads, spec.head_dim)
+            v = v.view(tokens, spec.num_kv_heads, spec.head_dim)
             if layer.q_norm is not None:
                 q, _ = ops.rms_norm(q, layer.q_norm, spec.rms_norm_eps)
                 k, _ = ops.rms_norm(k, layer.k_norm, spec.rms_norm_eps)
@@ -66,10 +99,11 @@ class ModelRunner:
                 attn = ops.paged_decode_attention(
                     q, k_cache, v_cache, inputs.block_tables, inputs.context_lens, self.scale
                 )
-            hidden = F.linear(attn.reshape(tokens, -1), layer.o, layer.o_bias)
+            (hidden,) = linears.o(attn.reshape(tokens, -1))
             x, residual = ops.rms_norm(hidden, layer.post_attention_norm, spec.rms_norm_eps, residual)
-            hidden = F.linear(ops.silu_and_mul(F.linear(x, layer.gate), F.linear(x, layer.up)), layer.down)
+            (hidden,) = linears.down(ops.silu_and_mul(*linears.gate_up(x)))
         if inputs.prefill:
             hidden, residual = hidden[inputs.last_token_index], residual[inputs.last_token_index]
         x, _ = ops.rms_norm(hidden, w.norm, spec.rms_norm_eps, residual)
-        return F.linear(x, w.lm_head)
+        (logits,) = self.lm_head(x)
+        return logits

@@ -244,3 +244,33 @@ def test_isa_selection():
     assert cpu.isa() == "base"
     cpu.set_isa("")
     assert cpu.isa() in ISAS
+
+
+# ------------------------------------------------ prepacked linear ------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_matches_f_linear(dtype, rows, bias):
+    gen = torch.Generator().manual_seed(rows)
+    weight = (torch.randn(96, 64, generator=gen) / 8).to(dtype)
+    b = torch.randn(96, generator=gen).to(dtype) if bias else None
+    x = torch.randn(rows, 64, generator=gen).to(dtype)
+    packed = cpu.pack_linear_weight(weight)
+    assert packed.is_mkldnn
+    out = ops.linear(x, packed, b)
+    ref = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
+    assert_close_rel(out, ref.to(dtype), dtype)
+
+
+def test_pack_linear_weight_rejects_other_dtypes():
+    with pytest.raises(ValueError, match="float16"):
+        cpu.pack_linear_weight(torch.zeros(4, 4, dtype=torch.float16))
+
+
+def test_prepare_linear_weight_follows_the_dispatch_switch():
+    weight = torch.randn(8, 4)
+    assert ops.prepare_linear_weight(weight).is_mkldnn
+    with mock.patch.dict(os.environ, {"NREFT_CPU_KERNELS": "0"}):
+        assert ops.prepare_linear_weight(weight) is weight

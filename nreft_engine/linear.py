@@ -1,0 +1,64 @@
+"""FusedLinear: one matmul for the projections that read the same input (q/k/v, gate/up), over a weight
+prepared for the backend once and re-prepared whenever one of the model's parameters behind it changes."""
+
+from __future__ import annotations
+
+import torch
+
+from nreft_engine import ops
+
+
+def _version(t: torch.Tensor) -> int:
+    # Inference tensors keep no version counter; they cannot change outside inference mode.
+    return 0 if t.is_inference() else t._version
+
+
+class FusedLinear:
+    """y_i = x @ W_i.T + b_i for each source weight W_i [out_i, in], computed as one matmul.
+
+    With `prepack`, the sources are concatenated and laid out by `ops.prepare_linear_weight` (a copy:
+    oneDNN's blocked layout on CPU); `refresh` rebuilds that copy when a source's version counter moved,
+    which every in-place update (optimizer step, `load_state_dict`, `copy_`) does. Without `prepack`
+    the sources are used in place, one matmul each, and nothing is copied.
+    """
+
+    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None] | None = None, *, prepack: bool):
+        biases = biases if biases is not None else [None] * len(weights)
+        if len(biases) != len(weights):
+            raise ValueError(f"got {len(biases)} biases for {len(weights)} weights")
+        self.sources = list(weights)
+        self.biases = biases
+        self.splits = [w.shape[0] for w in weights]
+        self.prepack = prepack
+        self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+        self._versions: tuple[int, ...] | None = None
+        self.refresh()
+
+    def _source_versions(self) -> tuple[int, ...]:
+        return tuple(_version(t) for t in self.sources + [b for b in self.biases if b is not None])
+
+    def refresh(self) -> bool:
+        """Re-prepare the fused weight if a source changed since the last call; True if it did."""
+        if not self.prepack:
+            return False
+        versions = self._source_versions()
+        if versions == self._versions:
+            return False
+        with torch.no_grad():
+            weight = torch.cat(self.sources) if len(self.sources) > 1 else self.sources[0]
+            self.weight = ops.prepare_linear_weight(weight)
+            if all(b is None for b in self.biases):
+                self.bias = None
+            else:
+                self.bias = torch.cat([
+                    b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(self.sources, self.biases)
+                ])
+        self._versions = versions
+        return True
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One output per source weight (column views of one fused output when prepacked)."""
+        if self.prepack:
+            return ops.linear(x, self.weight, self.bias).split(self.splits, dim=-1)
+        return tuple(ops.linear(x, w, b) for w, b in zip(self.sources, self.biases))

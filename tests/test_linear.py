@@ -1,0 +1,85 @@
+"""FusedLinear (nreft_engine/linear.py): one matmul for several projections, kept in step with the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import make_tiny_model
+
+from nreft_engine import Engine, SamplingParams
+from nreft_engine.linear import FusedLinear
+
+
+def _sources(dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(n, 16, generator=gen).to(dtype) for n in (32, 8, 8)]
+    biases = [torch.randn(n, generator=gen).to(dtype) for n in (32, 8, 8)]
+    return weights, biases
+
+
+@pytest.mark.parametrize("prepack", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_outputs_equal_one_linear_per_source(prepack, with_bias):
+    weights, biases = _sources()
+    biases = biases if with_bias else None
+    fused = FusedLinear(weights, biases, prepack=prepack)
+    x = torch.randn(5, 16)
+    outs = fused(x)
+    assert [o.shape for o in outs] == [(5, 32), (5, 8), (5, 8)]
+    for i, (out, w) in enumerate(zip(outs, weights)):
+        torch.testing.assert_close(out, F.linear(x, w, None if biases is None else biases[i]), rtol=1e-5, atol=1e-5)
+
+
+def test_missing_biases_are_zero():
+    weights, biases = _sources()
+    fused = FusedLinear(weights, [biases[0], None, None], prepack=True)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(fused(x)[1], F.linear(x, weights[1]), rtol=1e-5, atol=1e-5)
+
+
+def test_in_place_updates_are_seen_after_refresh():
+    weights, biases = _sources()
+    fused = FusedLinear(weights, biases, prepack=True)
+    assert not fused.refresh()  # nothing changed since construction
+    x = torch.randn(3, 16)
+    weights[2].mul_(-2.0)
+    biases[1].add_(1.0)
+    assert fused.refresh() and not fused.refresh()
+    for i, out in enumerate(fused(x)):
+        torch.testing.assert_close(out, F.linear(x, weights[i], biases[i]), rtol=1e-5, atol=1e-5)
+
+
+def test_without_prepack_the_sources_are_used_in_place():
+    weights, _ = _sources()
+    fused = FusedLinear(weights, prepack=False)
+    assert fused.weight is None and not fused.refresh()
+    weights[0].zero_()
+    assert torch.count_nonzero(fused(torch.randn(2, 16))[0]) == 0
+
+
+def test_bias_count_must_match():
+    weights, biases = _sources()
+    with pytest.raises(ValueError, match="2 biases for 3 weights"):
+        FusedLinear(weights, biases[:2], prepack=True)
+
+
+@pytest.mark.parametrize("prepack", [True, False])
+def test_engine_sees_an_optimizer_step(prepack):
+    """AdamW updates every parameter in place; the next generate must use the new weights, packed or not."""
+    model = make_tiny_model("qwen2")
+    engine = Engine(model, kv_cache_memory=1 << 22, prepack_weights=prepack)
+    assert engine.prepack_weights is prepack
+    ids = [5, 9, 3]
+    params = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True, seed=1)
+    before = engine.generate([ids], params)[0].outputs[0]
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    out = model(torch.tensor([ids + before.token_ids]))
+    out.logits.sum().backward()
+    opt.step()
+    after = engine.generate([ids], params)[0].outputs[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + after.token_ids])).logits[0, len(ids) - 1 : -1]
+    expected = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(after.token_ids)[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(after.logprobs), expected, rtol=0, atol=1e-4)
+    assert after.logprobs != before.logprobs
