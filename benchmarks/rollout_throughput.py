@@ -1,9 +1,11 @@
 """Rollout throughput: HF transformers `generate` vs the engine (skip 0, 0.25, 0.5), one process, one workload.
 
-16 chat prompts x n=4 samples x 128 new tokens (EOS ignored) on SmolLM2-135M in fp32 and bf16, and batch 1
-(one prompt, n=1). Prints generated tokens/s, KV bytes and ratios, and writes JSON.
+16 chat prompts x n=4 samples x 128 new tokens (EOS ignored), and batch 1 (one prompt, n=1) in the first
+dtype. Default: SmolLM2-135M on the CPU in fp32 and bf16. Prints generated tokens/s, KV bytes and ratios,
+and writes JSON.
 
     python benchmarks/rollout_throughput.py [--quick] [--out benchmarks/results/rollout_throughput.json]
+    python benchmarks/rollout_throughput.py --device cuda --model random:qwen2.5-1.5b --dtypes bfloat16
 """
 
 from __future__ import annotations
@@ -15,53 +17,98 @@ import platform
 
 import torch
 
+from transformers import AutoConfig, AutoModelForCausalLM
+
 from nreft_engine import Engine
 from nreft_engine.bench import chat_workload, measure_engine, measure_hf
 from nreft_engine.models.loader import load_model
 
 SKIP_RATIOS = (0.0, 0.25, 0.5)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Random-weight models of a real model's shape (the GPU targets need no checkpoint): qwen2 config overrides.
+RANDOM_SHAPES = {
+    "qwen2.5-1.5b": dict(
+        hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+        num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
+        tie_word_embeddings=True,
+    ),
+}
+
+
+def load(name: str, dtype: torch.dtype, device: str):
+    """(model, tokenizer or None): `random:<shape>` builds random weights (no tokenizer)."""
+    if name.startswith("random:"):
+        shape = name.split(":", 1)[1]
+        if shape not in RANDOM_SHAPES:
+            raise SystemExit(f"unknown random shape {shape!r}; known: {', '.join(RANDOM_SHAPES)}")
+        torch.manual_seed(0)
+        config = AutoConfig.for_model("qwen2", **RANDOM_SHAPES[shape])
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        return model, None
+    model, tokenizer = load_model(name, dtype=dtype)
+    return model.to(device), tokenizer
+
+
+def workload(tokenizer, num_prompts: int, vocab_size: int) -> list[list[int]]:
+    """The chat prompts; without a tokenizer, random ids of the same lengths (33-55 tokens)."""
+    if tokenizer is not None:
+        return chat_workload(tokenizer, num_prompts)
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab_size, (33 + (7 * i) % 23,), generator=gen).tolist() for i in range(num_prompts)]
 
 
 def run_case(model, tokenizer, dtype_name: str, num_prompts: int, n: int, max_tokens: int) -> list[dict]:
-    prompts = chat_workload(tokenizer, num_prompts)
+    prompts = workload(tokenizer, num_prompts, model.config.vocab_size)
     engine = Engine(model, tokenizer, kv_cache_memory=1 << 30)
     measure_engine(engine, prompts[:2], n=1, max_tokens=8, skip_ratio=0.0)  # warm-up
-    rows = [{"system": "hf", **measure_hf(model, prompts, n, max_tokens, tokenizer.pad_token_id or 0)}]
+    pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    rows = [{"system": "hf", **measure_hf(model, prompts, n, max_tokens, pad)}]
     for ratio in SKIP_RATIOS:
         rows.append({"system": f"engine skip {ratio}", **measure_engine(engine, prompts, n, max_tokens, ratio)})
     for row in rows:
         row.update(dtype=dtype_name, sequences=num_prompts * n, max_tokens=max_tokens)
-        print(f"  {dtype_name} x{num_prompts * n} {row['system']}: {row['tokens_per_second']:.1f} tok/s", flush=True)
+        graphs = f", {row['graph_captures']} graphs in {row['graph_capture_seconds']:.2f} s" if row.get("graph_captures") else ""
+        print(f"  {dtype_name} x{num_prompts * n} {row['system']}: {row['tokens_per_second']:.1f} tok/s{graphs}", flush=True)
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
     hf = {(r["dtype"], r["sequences"]): r["tokens_per_second"] for r in rows if r["system"] == "hf"}
     base = {(r["dtype"], r["sequences"]): r["tokens_per_second"] for r in rows if r["system"] == "engine skip 0.0"}
-    print(f"{'dtype':9} {'seqs':>4} {'system':18} {'tok/s':>8} {'x HF':>6} {'x skip0':>7} {'KV MiB':>8}")
+    print(f"{'dtype':9} {'seqs':>4} {'system':18} {'tok/s':>8} {'x HF':>6} {'x skip0':>7} {'decode tok/s':>12} "
+          f"{'KV MiB':>8} {'graphs':>6}")
     for r in rows:
         key = (r["dtype"], r["sequences"])
+        decode = f"{r['decode_tokens_per_second']:12.1f}" if "decode_tokens_per_second" in r else " " * 12
         print(f"{r['dtype']:9} {r['sequences']:>4} {r['system']:18} {r['tokens_per_second']:8.1f} "
-              f"{r['tokens_per_second'] / hf[key]:6.2f} {r['tokens_per_second'] / base[key]:7.2f} "
-              f"{r['kv_cache_bytes'] / 2**20:8.1f}")
+              f"{r['tokens_per_second'] / hf[key]:6.2f} {r['tokens_per_second'] / base[key]:7.2f} {decode} "
+              f"{r['kv_cache_bytes'] / 2**20:8.1f} {r.get('graph_captures', 0):6}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8 new tokens instead of 128 (a smoke run)")
+    parser.add_argument("--model", default="smollm2-135m-instruct",
+                        help=f"a load_model name/path, or random:<shape> ({', '.join(RANDOM_SHAPES)})")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES),
+                        help="64-sequence case in each; batch 1 in the first")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "rollout_throughput.json"))
     args = parser.parse_args()
     max_tokens = 8 if args.quick else 128
     rows = []
-    for dtype_name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        model, tokenizer = load_model("smollm2-135m-instruct", dtype=dtype)
+    for i, dtype_name in enumerate(args.dtypes):
+        model, tokenizer = load(args.model, DTYPES[dtype_name], args.device)
         rows += run_case(model, tokenizer, dtype_name, 16, 4, max_tokens)
-        if dtype is torch.float32:
+        if i == 0:
             rows += run_case(model, tokenizer, dtype_name, 1, 1, max_tokens)
+        del model
     print_table(rows)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
+        json.dump({"machine": device, "model": args.model, "threads": torch.get_num_threads(),
                    "torch": torch.__version__, "rows": rows}, f, indent=2)
     print(f"wrote {args.out}")
 

@@ -50,6 +50,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Write k, v [T, KVH, D] into [num_blocks, block_size, KVH, D] caches at slot_mapping (< 0 skips).");
   m.def("copy_blocks", &nreft::copy_blocks, py::arg("k_cache"), py::arg("v_cache"), py::arg("src_dst"),
         "Copy block src to dst in every layer of [L, num_blocks, block_size, KVH, D] caches.");
+#ifdef NREFT_WITH_CUDA
+  m.attr("built_with_cuda") = true;
+#else
+  m.attr("built_with_cuda") = false;
+#endif
 
   // CPU kernels of the decode step (csrc/cpu_kernels.h; Python wrappers in kernels/cpu.py)
   m.def("paged_decode_attention_cpu", &nreft::paged_decode_attention_cpu, py::arg("q"), py::arg("k_cache_layer"),

@@ -51,9 +51,13 @@ def measure_engine(engine: Engine, prompts: list[list[int]], n: int, max_tokens:
         "tokens": stats.generated_tokens,
         "seconds": seconds,
         "tokens_per_second": stats.generated_tokens / seconds,
+        "decode_tokens_per_second": stats.decode_tokens / stats.decode_seconds if stats.decode_seconds else 0.0,
         "kv_cache_bytes": stats.kv_cache_bytes,
+        "num_blocks": stats.num_blocks,
         "skipped_layers": list(stats.skipped_layers),
         "peak_running": stats.peak_running,
+        "graph_captures": stats.graph_captures,
+        "graph_capture_seconds": stats.graph_capture_seconds,
     }
 
 
@@ -67,12 +71,15 @@ def measure_hf(model, prompts: list[list[int]], n: int, max_tokens: int, pad_tok
     for i, r in enumerate(rows):
         input_ids[i, width - len(r):] = torch.tensor(r)
         mask[i, width - len(r):] = 1
+    input_ids, mask = input_ids.to(model.device), mask.to(model.device)
     torch.manual_seed(seed)
     start = time.perf_counter()
     out = model.generate(
         input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
         max_new_tokens=max_tokens, min_new_tokens=max_tokens, pad_token_id=pad_token_id,
     )
+    if out.is_cuda:
+        torch.cuda.synchronize(out.device)
     seconds = time.perf_counter() - start
     tokens = (out.shape[1] - width) * len(rows)
     kv_bytes = 2 * model.config.num_hidden_layers * len(rows) * out.shape[1] * model.config.num_key_value_heads * (

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from nreft_engine import ops
 from nreft_engine.cache import PagedKVCache, resolve_budget
+from nreft_engine.graphs import DecodeGraphs
 from nreft_engine.models.loader import load_model, prepare_model
 from nreft_engine.models.weights import DecoderWeights, rope_tables
 from nreft_engine.outputs import CompletionOutput, GenerationStats, RequestOutput
@@ -32,7 +33,8 @@ class Engine:
     matmuls about 1.8x faster) it keeps a prepacked copy of the linear weights, rebuilt at the start of
     a call for the parameters that changed; with `prepack_weights=False` nothing is copied. The KV cache
     reserves `kv_cache_memory` (bytes, or a fraction of the memory available now) once, and each call
-    lays out as many blocks as fit for its active layers.
+    lays out as many blocks as fit for its active layers. On CUDA, decode steps whose contexts fit in
+    `max_graph_context` tokens replay CUDA graphs (one per batch bucket and skip set) unless `enforce_eager`.
     """
 
     def __init__(
@@ -46,6 +48,8 @@ class Engine:
         max_prefill_tokens: int = 4096,
         max_model_len: int | None = None,
         prepack_weights: bool | None = None,
+        enforce_eager: bool = False,
+        max_graph_context: int = 8192,
     ):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -63,7 +67,10 @@ class Engine:
         self.sampler = Sampler(self.eos_token_ids)
         budget = resolve_budget(kv_cache_memory, self.device)
         self._kv_buffer = torch.empty(budget // param.element_size(), dtype=self.dtype, device=self.device)
+        self.use_cuda_graphs = self.device.type == "cuda" and not enforce_eager
+        self.max_graph_context = min(max_graph_context, self.max_model_len)
         self.runner: ModelRunner
+        self.graphs: DecodeGraphs | None = None
         self.sync_weights()
         self.last_stats: GenerationStats | None = None
         self._next_seq_id = 0
@@ -85,6 +92,9 @@ class Engine:
         cos, sin = rope_tables(self.model, self.max_model_len, self.device)
         weights = DecoderWeights.from_model(self.model)
         self.runner = ModelRunner(self.spec, weights, cos, sin, prepack=self.prepack_weights)
+        if self.use_cuda_graphs:
+            blocks = -(-self.max_graph_context // self.block_size)
+            self.graphs = DecodeGraphs(self.runner, self.max_num_seqs, blocks, self.device)
 
     def generate(
         self,
@@ -111,6 +121,7 @@ class Engine:
             self._check_fits(i, ids, p, cache)
 
         stats = GenerationStats(kv_cache_bytes=cache.nbytes, num_blocks=cache.num_blocks, skipped_layers=plan.skipped)
+        captures, capture_seconds = (self.graphs.captures, self.graphs.capture_seconds) if self.graphs else (0, 0.0)
         scheduler = Scheduler(cache.blocks, self.max_num_seqs, self.max_prefill_tokens, self.max_model_len)
         groups = [self._make_group(i, ids, p) for i, (ids, p) in enumerate(zip(prompt_ids, all_params))]
         for group in groups:
@@ -122,7 +133,11 @@ class Engine:
                 batch = scheduler.schedule()
                 running = len(scheduler.running)
                 cache.copy_blocks(batch.copies)
-                logits = self.runner.forward(self._step_inputs(batch, cache), plan, cache)
+                inputs = self._step_inputs(batch, cache)
+                if self.graphs is not None and self.graphs.fits(inputs):
+                    logits = self.graphs.run(inputs, plan, cache)
+                else:
+                    logits = self.runner.forward(inputs, plan, cache)
                 rows = logits[torch.tensor(batch.rows, device=logits.device)] if batch.prefill else logits
                 tokens, logprobs, tops = self.sampler(rows, batch.seqs)
                 finished = scheduler.postprocess(batch, tokens, logprobs, tops, self.eos_token_ids, self._decode)
@@ -132,6 +147,9 @@ class Engine:
         bar.close()
         stats.num_preemptions = scheduler.num_preemptions
         stats.used_blocks_at_end = cache.blocks.num_used_blocks
+        if self.graphs is not None:
+            stats.graph_captures = self.graphs.captures - captures
+            stats.graph_capture_seconds = self.graphs.capture_seconds - capture_seconds
         self.last_stats = stats
         logger.debug("generate: %s", stats)
         return [self._request_output(i, prompts[i], group, plan.skipped) for i, group in enumerate(groups)]

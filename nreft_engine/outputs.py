@@ -44,6 +44,8 @@ class GenerationStats:
     kv_cache_bytes: int = 0
     num_blocks: int = 0
     used_blocks_at_end: int = 0
+    graph_captures: int = 0  # CUDA graphs captured by this call (each new skip set needs its own)
+    graph_capture_seconds: float = 0.0  # included in decode_seconds
     skipped_layers: tuple[int, ...] = field(default_factory=tuple)
 
     @property

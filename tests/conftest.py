@@ -1,13 +1,35 @@
-"""Shared fixtures. Triton runs in its CPU interpreter in tests (no GPU on CI)."""
+"""Shared fixtures. Triton runs in its CPU interpreter in tests (no GPU on CI).
+
+`NREFT_TEST_DEVICE=cuda` runs the same kernel tests on a GPU instead: no interpreter, and every
+`kernels/*_triton` function a test calls gets its inputs copied to the GPU (outputs and in-place updates
+copied back), so the tests written on CPU tensors check the compiled kernels.
+"""
 
 import os
 import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+TEST_DEVICE = os.environ.get("NREFT_TEST_DEVICE", "cpu")
+if TEST_DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from kernel_testing import run_on_device  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _triton_kernels_on_test_device(monkeypatch):
+    if TEST_DEVICE == "cpu":
+        yield
+        return
+    from nreft_engine.kernels import activation, paged_attention, prefill_attention, rms_norm, rope, sampler
+
+    for module in (activation, paged_attention, prefill_attention, rms_norm, rope, sampler):
+        for name in dir(module):
+            if name.endswith("_triton"):
+                monkeypatch.setattr(module, name, run_on_device(getattr(module, name), TEST_DEVICE))
+    yield
 
 
 @pytest.fixture(autouse=True)

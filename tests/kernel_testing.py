@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
+from collections.abc import Callable
 
 import torch
 
@@ -24,6 +26,36 @@ def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -
     bound = tol * (r.abs() + scale)
     worst = (err / bound).max().item()
     assert worst <= 1.0, f"max error {err.max().item():.3e} exceeds {tol:g} relative (ratio {worst:.2f})"
+
+
+def run_on_device(fn: Callable, device: str) -> Callable:
+    """`fn` run on copies of its CPU tensor arguments on `device`: in-place updates are copied back into
+    the arguments, an output that is an argument comes back as that argument, other outputs on the CPU."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        pairs = []
+
+        def to_device(x):
+            if isinstance(x, torch.Tensor) and x.device.type == "cpu":
+                pairs.append((x, x.to(device)))
+                return pairs[-1][1]
+            return x
+
+        out = fn(*[to_device(a) for a in args], **{k: to_device(v) for k, v in kwargs.items()})
+        torch.cuda.synchronize()
+        originals = {id(d): x for x, d in pairs}
+        for x, d in pairs:
+            x.copy_(d)
+
+        def to_cpu(o):
+            if isinstance(o, torch.Tensor):
+                return originals[id(o)] if id(o) in originals else o.cpu()
+            return tuple(to_cpu(i) for i in o) if isinstance(o, tuple) else o
+
+        return to_cpu(out)
+
+    return wrapped
 
 
 class _PoisonTorch(types.ModuleType):

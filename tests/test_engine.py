@@ -33,9 +33,9 @@ def without_layers(model, skipped):
 
 def reference_logprobs(model, prompt, completion, params):
     """Log-probs of `completion` under `model` with the same temperature / top-k / top-p / min-p filter."""
-    ids = torch.tensor([prompt + completion])
+    ids = torch.tensor([prompt + completion], device=model.device)
     with torch.no_grad():
-        logits = model(ids, use_cache=False).logits[0, len(prompt) - 1 : -1]
+        logits = model(ids, use_cache=False).logits[0, len(prompt) - 1 : -1].cpu()
     rows = len(completion)
     filtered = filter_logits(
         logits,

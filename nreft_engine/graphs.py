@@ -1,0 +1,128 @@
+"""CUDA graphs of the decode step, one per (batch-size bucket, LayerPlan).
+
+A small model's decode step is hundreds of short kernel launches; a graph replays them as one. The graph
+reads its inputs from static buffers: a batch is padded up to the nearest bucket, with padding rows that
+write no KV (slot -1) and attend to one token. A graph bakes in the active layers and the cache layout,
+so each new skip set is captured anew: `captures` and `capture_seconds` count that cost.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+
+from nreft_engine.cache import PagedKVCache
+from nreft_engine.runner import ModelRunner, StepInputs
+from nreft_engine.skip import LayerPlan
+
+logger = logging.getLogger(__name__)
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then multiples of 16 up to `max_batch` (always included): at most 15 padding rows."""
+    small = [b for b in (1, 2, 4, 8) if b < max_batch]
+    return small + list(range(16, max_batch, 16)) + [max_batch]
+
+
+class DecodeGraphs:
+    """Captured decode steps, keyed by (bucket, active layers, cache layout); least recently used evicted."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        max_batch: int,
+        max_blocks_per_seq: int,
+        device: torch.device,
+        max_graphs: int = 64,
+    ):
+        self.runner = runner
+        self.buckets = batch_buckets(max_batch)
+        self.max_blocks_per_seq = max_blocks_per_seq
+        self.max_graphs = max_graphs
+        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((max_batch,), -1, dtype=torch.int64, device=device)
+        self.block_tables = torch.zeros(max_batch, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.context_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
+        self.last_token_index = torch.arange(max_batch, device=device)
+        self._graphs: OrderedDict[tuple, Callable[[], torch.Tensor]] = OrderedDict()
+        self._pool = None
+        self.captures = 0
+        self.capture_seconds = 0.0
+
+    def fits(self, inputs: StepInputs) -> bool:
+        """True for a decode step this object can replay (batch and context within the captured sizes)."""
+        return (
+            not inputs.prefill
+            and inputs.input_ids.shape[0] <= self.buckets[-1]
+            and inputs.block_tables.shape[1] <= self.max_blocks_per_seq
+        )
+
+    def run(self, inputs: StepInputs, plan: LayerPlan, cache: PagedKVCache) -> torch.Tensor:
+        """Logits [batch, vocab] of a decode step, by replaying (capturing first if needed) its graph."""
+        batch = inputs.input_ids.shape[0]
+        bucket = next(b for b in self.buckets if b >= batch)
+        self._load(inputs, batch, bucket)
+        key = (bucket, plan.active_layers, cache.k.data_ptr(), cache.v.data_ptr(), tuple(cache.k.shape))
+        replay = self._graphs.get(key)
+        if replay is None:
+            replay = self._capture(bucket, plan, cache)
+            self._graphs[key] = replay
+            if len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+        else:
+            self._graphs.move_to_end(key)
+        return replay()[:batch]
+
+    def _load(self, inputs: StepInputs, batch: int, bucket: int) -> None:
+        """Copy a step's inputs into the static buffers; rows batch..bucket become padding."""
+        width = inputs.block_tables.shape[1]
+        self.input_ids[:batch].copy_(inputs.input_ids)
+        self.positions[:batch].copy_(inputs.positions)
+        self.slot_mapping[:batch].copy_(inputs.slot_mapping)
+        self.context_lens[:batch].copy_(inputs.context_lens)
+        self.block_tables[:batch, :width].copy_(inputs.block_tables)
+        self.block_tables[:batch, width:].zero_()
+        self.input_ids[batch:bucket].zero_()
+        self.positions[batch:bucket].zero_()
+        self.slot_mapping[batch:bucket].fill_(-1)
+        self.context_lens[batch:bucket].fill_(1)
+        self.block_tables[batch:bucket].zero_()
+
+    def _static_inputs(self, bucket: int) -> StepInputs:
+        return StepInputs(
+            input_ids=self.input_ids[:bucket],
+            positions=self.positions[:bucket],
+            slot_mapping=self.slot_mapping[:bucket],
+            last_token_index=self.last_token_index[:bucket],
+            block_tables=self.block_tables[:bucket],
+            context_lens=self.context_lens[:bucket],
+        )
+
+    def _capture(self, bucket: int, plan: LayerPlan, cache: PagedKVCache) -> Callable[[], torch.Tensor]:
+        start = time.perf_counter()
+        replay = self._record(lambda: self.runner.forward(self._static_inputs(bucket), plan, cache))
+        self.captures += 1
+        self.capture_seconds += time.perf_counter() - start
+        logger.debug("captured decode graph: batch %d, %d active layers", bucket, plan.num_active)
+        return replay
+
+    def _record(self, step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        """Capture `step` into a CUDA graph (after one eager run that compiles its kernels); return its replay."""
+        step()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = step()
+        self._pool = graph.pool()
+        torch.cuda.synchronize()
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return logits
+
+        return replay

@@ -1,0 +1,75 @@
+"""The CUDA path, where a GPU is present (skipped elsewhere): the extension's CUDA cache ops equal its CPU
+ones, and the engine on a GPU (Triton kernels, CUDA graphs) gives transformers' log-probs and the same
+outputs as its own eager path."""
+
+import pytest
+import torch
+from test_engine import PROMPTS, reference_logprobs
+from tiny_models import make_tiny_model
+
+from nreft_engine import Engine, SamplingParams, _C
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def test_extension_was_built_with_cuda():
+    assert _C.built_with_cuda
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_kv_cuda_equals_cpu(dtype):
+    gen = torch.Generator().manual_seed(0)
+    k_cache, v_cache = (torch.randn(6, 16, 2, 64, generator=gen).to(dtype) for _ in range(2))
+    qkv = torch.randn(9, 6, 64, generator=gen).to(dtype)
+    k, v = qkv[:, 2:4], qkv[:, 4:]  # strided views, as the engine passes them
+    slots = torch.tensor([3, 95, -1, 17, 0, 40, -7, 64, 16])
+    k_gpu, v_gpu = k_cache.cuda(), v_cache.cuda()
+    _C.write_kv(k.cuda(), v.cuda(), k_gpu, v_gpu, slots.cuda())
+    _C.write_kv(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_gpu.cpu(), k_cache) and torch.equal(v_gpu.cpu(), v_cache)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_copy_blocks_cuda_equals_cpu(dtype):
+    gen = torch.Generator().manual_seed(1)
+    k_cache, v_cache = (torch.randn(3, 8, 16, 2, 64, generator=gen).to(dtype) for _ in range(2))
+    pairs = torch.tensor([[0, 5], [2, 7], [6, 1]])
+    k_gpu, v_gpu = k_cache.cuda(), v_cache.cuda()
+    _C.copy_blocks(k_gpu, v_gpu, pairs.cuda())
+    _C.copy_blocks(k_cache, v_cache, pairs)
+    assert torch.equal(k_gpu.cpu(), k_cache) and torch.equal(v_gpu.cpu(), v_cache)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("skip", [None, [1, 2]])
+def test_engine_logprobs_on_cuda_equal_transformers(family, skip):
+    model = make_tiny_model(family).cuda()
+    engine = Engine(model, kv_cache_memory=1 << 24)
+    params = SamplingParams(n=3, temperature=0.7, top_p=0.9, max_tokens=16, ignore_eos=True, seed=0)
+    reference_model = model
+    if skip:
+        from test_engine import without_layers
+
+        reference_model = without_layers(model, skip)
+    for prompt, out in zip(PROMPTS, engine.generate(PROMPTS, params, skip=skip)):
+        for c in out.outputs:
+            expected = reference_logprobs(reference_model, prompt, c.token_ids, params)
+            assert (torch.tensor(c.logprobs) - expected).abs().max().item() <= 1e-4
+    assert engine.graphs is not None and engine.last_stats.graph_captures > 0
+
+
+def test_cuda_graphs_equal_eager_steps():
+    model = make_tiny_model("llama").cuda()
+    graphed = Engine(model, kv_cache_memory=1 << 24)
+    eager = Engine(model, kv_cache_memory=1 << 24, enforce_eager=True)
+    assert eager.graphs is None
+    params = [SamplingParams(n=3, temperature=1.0, max_tokens=m, ignore_eos=True, seed=i) for i, m in enumerate((9, 4, 13, 6))]
+    for skip in (None, [1], [1, 2], None):
+        a = [(c.token_ids, c.logprobs) for o in graphed.generate(PROMPTS, params, skip=skip) for c in o.outputs]
+        b = [(c.token_ids, c.logprobs) for o in eager.generate(PROMPTS, params, skip=skip) for c in o.outputs]
+        assert [t for t, _ in a] == [t for t, _ in b]
+        for (_, la), (_, lb) in zip(a, b):
+            assert max(abs(x - y) for x, y in zip(la, lb)) <= 1e-5
+    assert graphed.last_stats.graph_captures == 0  # the no-skip graphs were captured by the first call

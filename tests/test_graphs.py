@@ -1,0 +1,102 @@
+"""Decode-step CUDA graphs (nreft_engine/graphs.py): bucketing, static buffers and keys, checked on the CPU.
+
+Capturing needs a GPU; here `_record` returns the step itself, so a "replay" runs the very forward a graph
+would hold, on the same padded static buffers. That checks everything but the capture: padding rows write
+no KV and change no output, buckets and keys follow the batch and the skip set, long contexts go eager.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import make_tiny_model
+
+from nreft_engine import Engine, SamplingParams
+from nreft_engine.graphs import DecodeGraphs, batch_buckets
+
+PROMPTS = [[5, 9, 17, 33, 8], [3], list(range(10, 47)), [100, 101, 7, 7, 7, 7, 7, 7, 9]]
+
+
+class EagerReplayGraphs(DecodeGraphs):
+    """DecodeGraphs whose 'graph' is the captured step run again, for machines without CUDA."""
+
+    def _record(self, step):
+        return step
+
+
+def with_graphs(engine: Engine, max_graph_context: int, **kwargs) -> EagerReplayGraphs:
+    blocks = -(-max_graph_context // engine.block_size)
+    engine.graphs = EagerReplayGraphs(engine.runner, engine.max_num_seqs, blocks, engine.device, **kwargs)
+    return engine.graphs
+
+
+def _generate(engine: Engine, skip) -> list[tuple[list[int], list[float]]]:
+    # different max_tokens per prompt: sequences finish at different steps, so the batch shrinks
+    params = [SamplingParams(n=3, temperature=1.0, max_tokens=m, ignore_eos=True, seed=i) for i, m in enumerate((9, 4, 13, 6))]
+    outputs = engine.generate(PROMPTS, params, skip=skip)
+    return [(c.token_ids, c.logprobs) for out in outputs for c in out.outputs]
+
+
+def test_batch_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(12) == [1, 2, 4, 8, 12]
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert batch_buckets(40) == [1, 2, 4, 8, 16, 32, 40]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_replayed_steps_equal_eager_steps(family):
+    model = make_tiny_model(family)
+    eager = Engine(model, kv_cache_memory=1 << 22)
+    graphed = Engine(model, kv_cache_memory=1 << 22)
+    graphs = with_graphs(graphed, max_graph_context=256)
+    for skip in (None, [1], [1, 2], None):
+        assert _generate(graphed, skip) == _generate(eager, skip)
+    assert graphs.captures > 0
+    assert graphed.last_stats.graph_captures == 0  # the last call's plan (no skip) was captured by the first
+
+
+def test_one_capture_per_bucket_and_plan():
+    engine = Engine(make_tiny_model("llama"), kv_cache_memory=1 << 22)
+    graphs = with_graphs(engine, max_graph_context=256)
+    params = SamplingParams(n=5, temperature=1.0, max_tokens=4, ignore_eos=True, seed=0)
+    engine.generate([PROMPTS[0]], params)  # 5 decode rows: bucket 8, three decode steps
+    assert (graphs.captures, engine.last_stats.graph_captures) == (1, 1)
+    engine.generate([PROMPTS[0]], params, skip=[2])
+    engine.generate([PROMPTS[0]], params, skip=[2])
+    assert graphs.captures == 2
+    assert engine.last_stats.graph_captures == 0 and engine.last_stats.graph_capture_seconds == 0
+
+
+def test_padding_rows_never_write_the_cache():
+    engine = Engine(make_tiny_model("llama"), kv_cache_memory=1 << 22)
+    graphs = with_graphs(engine, max_graph_context=256)
+    engine.generate([PROMPTS[0]], SamplingParams(n=3, max_tokens=3, ignore_eos=True, seed=0))
+    assert torch.equal(graphs.slot_mapping[3:], torch.full_like(graphs.slot_mapping[3:], -1))
+    assert torch.equal(graphs.context_lens[3:], torch.ones_like(graphs.context_lens[3:]))
+
+
+def test_long_contexts_run_eagerly_and_agree():
+    model = make_tiny_model("llama")
+    eager = Engine(model, kv_cache_memory=1 << 22)
+    graphed = Engine(model, kv_cache_memory=1 << 22)
+    graphs = with_graphs(graphed, max_graph_context=48)  # the 37-token prompt outgrows 48 tokens at its 12th
+    verdicts = []
+    fits = graphs.fits
+    graphs.fits = lambda inputs: verdicts.append(fits(inputs)) or verdicts[-1]
+    assert _generate(graphed, None) == _generate(eager, None)
+    assert True in verdicts and False in verdicts
+
+
+def test_least_recently_used_graphs_are_evicted():
+    engine = Engine(make_tiny_model("llama"), kv_cache_memory=1 << 22)
+    graphs = with_graphs(engine, max_graph_context=256, max_graphs=2)
+    for skip in (None, [1], [2], None):
+        engine.generate([PROMPTS[1]], SamplingParams(max_tokens=3, ignore_eos=True), skip=skip)
+    assert len(graphs._graphs) == 2
+    assert graphs.captures == 4  # the first plan was evicted before it came back
+
+
+def test_cpu_engines_do_not_capture():
+    engine = Engine(make_tiny_model("llama"), kv_cache_memory=1 << 22)
+    assert engine.graphs is None and not engine.use_cuda_graphs
