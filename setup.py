@@ -1,5 +1,7 @@
 """Builds nreft_engine._C from csrc/: C++ always, CUDA sources when the installed torch has CUDA (and nvcc
-is found). The C++ standard is left to torch, which passes the one its headers need."""
+is found). The C++ standard is left to torch, which passes the one its headers need. -fopenmp makes
+at::parallel_for run on torch's OpenMP threads (without it the CPU kernels run on one thread); the
+libgomp it links is the one torch has already loaded."""
 
 import glob
 import os
@@ -7,6 +9,9 @@ import os
 import torch
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+CXX_FLAGS = ["-O3", "-fopenmp"]
 
 
 def extension():
@@ -22,9 +27,10 @@ def extension():
             "nreft_engine._C",
             cpp + cu,
             define_macros=[("NREFT_WITH_CUDA", None)],
-            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3"]},
+            extra_link_args=["-fopenmp"],
         )
-    return CppExtension("nreft_engine._C", cpp, extra_compile_args=["-O3"])
+    return CppExtension("nreft_engine._C", cpp, extra_compile_args=CXX_FLAGS, extra_link_args=["-fopenmp"])
 
 
 setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
