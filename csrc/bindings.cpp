@@ -65,6 +65,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "weight * rmsnorm(x [+ residual]) over the last dim; the sum is written into residual. Returns y.");
   m.def("silu_and_mul_cpu", &nreft::silu_and_mul_cpu, py::arg("gate"), py::arg("up"), py::arg("out") = py::none(),
         "silu(gate) * up.");
+  m.def("rope_write_kv_cpu", &nreft::rope_write_kv_cpu, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("positions"), py::arg("cos"), py::arg("sin"), py::arg("k_cache_layer"), py::arg("v_cache_layer"),
+        py::arg("slot_mapping"), py::arg("q_out") = py::none(), py::arg("k_out") = py::none(),
+        "RoPE on q, k; rotated k and v written into the caches at slot_mapping (< 0 skips). Returns (q_rot, k_rot).");
+  m.def("sample_cpu", &nreft::sample_cpu, py::arg("logits"), py::arg("temperature"), py::arg("top_k"),
+        py::arg("top_p"), py::arg("min_p"), py::arg("uniform"), py::arg("softmax_lanes"),
+        "Temperature / top-k / top-p / min-p, inverse-CDF sampling with the given uniforms: (tokens, logprobs).");
   m.def("cpu_isa", &nreft::cpu_isa, "Instruction set the CPU kernels run: avx512, avx2 or base.");
   m.def("set_cpu_isa", &nreft::set_cpu_isa, py::arg("isa"),
         "Run the CPU kernels with avx512, avx2 or base code ('' = the best this CPU supports).");

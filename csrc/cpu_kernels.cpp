@@ -1,13 +1,17 @@
 // C++ CPU kernels: argument checks, the run-time choice of instruction set, and at::parallel_for over
-// independent work items (rows, or (sequence, kv head) pairs). The inner loops live in
+// independent work items (rows, tokens, or (sequence, kv head) pairs). The inner loops live in
 // cpu_kernels_impl.inc, compiled below once per instruction set.
 #include "cpu_kernels.h"
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 // 64-byte vector types only ever cross always-inline helpers inside one ISA section: no ABI is involved.
@@ -47,6 +51,27 @@ struct SiluArgs {
   bool bf16;
 };
 
+struct RopeArgs {
+  const void *q, *k, *v;
+  const int64_t *pos, *slots;
+  const float *cos, *sin;
+  void *q_out, *k_out, *k_cache, *v_cache;
+  int64_t q_st, q_sh, k_st, k_sh, v_st, v_sh, cos_rs, sin_rs;  // strides, in elements
+  int64_t heads, kv_heads, dim;
+  bool bf16;
+};
+
+struct SampleArgs {
+  const void* logits;
+  const float *temperature, *top_p, *min_p, *uniform;
+  const int64_t* top_k;
+  int64_t* tokens;  // -1: the row has no finite maximum
+  float* logprobs;
+  int64_t row_stride, vocab;
+  int lanes;  // of the reference's fp32 softmax sums
+  bool bf16;
+};
+
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define NREFT_X86_MULTI 1
 #pragma GCC push_options
@@ -71,13 +96,21 @@ struct Impl {
   void (*attn)(const AttnArgs&, int64_t, int64_t, float*);
   void (*rms)(const RmsArgs&, int64_t, int64_t);
   void (*silu)(const SiluArgs&, int64_t, int64_t);
+  void (*rope)(const RopeArgs&, int64_t, int64_t);
+  void (*sample)(const SampleArgs&, int64_t, int64_t, float*);
 };
 
-const Impl kBase{"base", &base::paged_attention_range, &base::rms_norm_range, &base::silu_and_mul_range};
+#define NREFT_IMPL(isa)                                                                                    \
+  Impl {                                                                                                   \
+    #isa, &isa::paged_attention_range, &isa::rms_norm_range, &isa::silu_and_mul_range,                     \
+        &isa::rope_write_kv_range, &isa::sample_range                                                      \
+  }
+const Impl kBase = NREFT_IMPL(base);
 #ifdef NREFT_X86_MULTI
-const Impl kAvx2{"avx2", &avx2::paged_attention_range, &avx2::rms_norm_range, &avx2::silu_and_mul_range};
-const Impl kAvx512{"avx512", &avx512::paged_attention_range, &avx512::rms_norm_range, &avx512::silu_and_mul_range};
+const Impl kAvx2 = NREFT_IMPL(avx2);
+const Impl kAvx512 = NREFT_IMPL(avx512);
 #endif
+#undef NREFT_IMPL
 
 bool supported(const std::string& isa) {
   if (isa == "base") return true;
@@ -139,6 +172,17 @@ bool is_f32_or_bf16(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
 }
 
+// t itself when its last dim is contiguous, else a contiguous copy
+at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// A contiguous [n] tensor of `dtype`: TypeError / ValueError naming `name` otherwise.
+at::Tensor checked_vector(const at::Tensor& t, int64_t n, at::ScalarType dtype, const char* name, const char* what) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, what, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.is_cpu() && t.dim() == 1 && t.size(0) == n, what, ": ", name, " must be a CPU tensor [", n,
+                    "], got ", t.sizes());
+  return t.contiguous();
+}
+
 at::Tensor checked_out(const std::optional<at::Tensor>& out, at::IntArrayRef shape, at::ScalarType dtype,
                        const at::Device& device, const char* what) {
   if (!out.has_value()) return at::empty(shape, at::TensorOptions().dtype(dtype).device(device));
@@ -195,7 +239,7 @@ at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_c
                     "], got ", context_lens.sizes());
   at::Tensor o = checked_out(out, q.sizes(), q.scalar_type(), q.device(), what);
   if (B == 0 || H == 0) return o;
-  const at::Tensor tables = block_tables.stride(1) == 1 ? block_tables : block_tables.contiguous();
+  const at::Tensor tables = unit_last_stride(block_tables);
   const at::Tensor ctx = context_lens.contiguous();
   const int32_t* tp = tables.data_ptr<int32_t>();
   const int32_t* cp = ctx.data_ptr<int32_t>();
@@ -282,7 +326,7 @@ at::Tensor rms_norm_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, dou
       copy_back = true;
     }
   }
-  const at::Tensor w = weight_in.stride(0) == 1 ? weight_in : weight_in.contiguous();
+  const at::Tensor w = unit_last_stride(weight_in);
   RmsArgs a{};
   a.x = x.data_ptr();
   a.res = has_res ? res.data_ptr() : nullptr;
@@ -335,6 +379,115 @@ at::Tensor silu_and_mul_cpu(const at::Tensor& gate_in, const at::Tensor& up_in,
   const int64_t grain = a.cols >= 16384 ? 1 : 16384 / a.cols;
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { impl->silu(a, begin, end); });
   return o;
+}
+
+std::tuple<at::Tensor, at::Tensor> rope_write_kv_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                     const at::Tensor& v_in, const at::Tensor& positions,
+                                                     const at::Tensor& cos_in, const at::Tensor& sin_in,
+                                                     const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                                     const at::Tensor& slot_mapping,
+                                                     const std::optional<at::Tensor>& q_out,
+                                                     const std::optional<at::Tensor>& k_out) {
+  const char* what = "rope_write_kv_cpu";
+  TORCH_CHECK_VALUE(q_in.is_cpu() && k_in.is_cpu() && v_in.is_cpu() && cos_in.is_cpu() && sin_in.is_cpu() &&
+                        k_cache.is_cpu() && v_cache.is_cpu(),
+                    what, ": all tensors must be on the CPU");
+  TORCH_CHECK_VALUE(q_in.dim() == 3 && k_in.dim() == 3 && v_in.sizes() == k_in.sizes() &&
+                        k_in.size(0) == q_in.size(0) && k_in.size(2) == q_in.size(2),
+                    what, ": q must be [T, H, D] and k, v [T, KVH, D], got ", q_in.sizes(), ", ", k_in.sizes(),
+                    ", ", v_in.sizes());
+  const int64_t T = q_in.size(0), H = q_in.size(1), KVH = k_in.size(1), D = q_in.size(2);
+  TORCH_CHECK_TYPE(is_f32_or_bf16(q_in) && k_in.scalar_type() == q_in.scalar_type() &&
+                       v_in.scalar_type() == q_in.scalar_type() && k_cache.scalar_type() == q_in.scalar_type() &&
+                       v_cache.scalar_type() == q_in.scalar_type(),
+                   what, ": q, k, v and the caches must share one dtype, float32 or bfloat16");
+  TORCH_CHECK_VALUE(D > 0 && D % 2 == 0, what, ": head_dim must be even, got ", D);
+  TORCH_CHECK_VALUE(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(2) == KVH &&
+                        k_cache.size(3) == D,
+                    what, ": caches must both be [num_blocks, block_size, ", KVH, ", ", D, "], got ",
+                    k_cache.sizes(), " and ", v_cache.sizes());
+  TORCH_CHECK_VALUE(k_cache.is_contiguous() && v_cache.is_contiguous(), what, ": caches must be contiguous");
+  TORCH_CHECK_TYPE(cos_in.scalar_type() == at::kFloat && sin_in.scalar_type() == at::kFloat, what,
+                   ": cos and sin must be float32");
+  TORCH_CHECK_VALUE(cos_in.dim() == 2 && cos_in.sizes() == sin_in.sizes() && cos_in.size(1) == D / 2, what,
+                    ": cos and sin must both be [P, ", D / 2, "], got ", cos_in.sizes(), " and ", sin_in.sizes());
+  const at::Tensor pos = checked_vector(positions, T, at::kLong, "positions", what);
+  const at::Tensor slots = checked_vector(slot_mapping, T, at::kLong, "slot_mapping", what);
+  at::Tensor qo = checked_out(q_out, q_in.sizes(), q_in.scalar_type(), q_in.device(), what);
+  at::Tensor ko = checked_out(k_out, k_in.sizes(), k_in.scalar_type(), k_in.device(), what);
+  if (T == 0) return {qo, ko};
+  const int64_t P = cos_in.size(0), num_slots = k_cache.size(0) * k_cache.size(1);
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) {  // validate before anything is written
+    TORCH_CHECK_VALUE(pp[t] >= 0 && pp[t] < P, what, ": positions[", t, "] = ", pp[t], " out of range [0, ", P,
+                      ") of the cos/sin tables");
+    TORCH_CHECK_VALUE(sp[t] < num_slots, what, ": slot_mapping[", t, "] = ", sp[t], " out of range: the cache has ",
+                      num_slots, " slots");
+  }
+  const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  const at::Tensor cos = unit_last_stride(cos_in), sin = unit_last_stride(sin_in);
+  const RopeArgs a{q.data_ptr(),
+                   k.data_ptr(),
+                   v.data_ptr(),
+                   pp,
+                   sp,
+                   cos.data_ptr<float>(),
+                   sin.data_ptr<float>(),
+                   qo.data_ptr(),
+                   ko.data_ptr(),
+                   k_cache.data_ptr(),
+                   v_cache.data_ptr(),
+                   q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                   cos.stride(0), sin.stride(0),
+                   H, KVH, D,
+                   q.scalar_type() == at::kBFloat16};
+  const Impl* impl = g_impl;
+  const int64_t per_token = (H + 2 * KVH) * D;
+  const int64_t grain = per_token >= 16384 ? 1 : 16384 / per_token;
+  at::parallel_for(0, T, grain, [&](int64_t begin, int64_t end) { impl->rope(a, begin, end); });
+  return {qo, ko};
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits_in, const at::Tensor& temperature,
+                                              const at::Tensor& top_k, const at::Tensor& top_p,
+                                              const at::Tensor& min_p, const at::Tensor& uniform,
+                                              int64_t softmax_lanes) {
+  const char* what = "sample_cpu";
+  TORCH_CHECK_VALUE(softmax_lanes > 0 && softmax_lanes <= 64 && (softmax_lanes & (softmax_lanes - 1)) == 0, what,
+                    ": softmax_lanes must be a power of two up to 64, got ", softmax_lanes);
+  TORCH_CHECK_VALUE(logits_in.is_cpu() && logits_in.dim() == 2 && logits_in.size(1) > 0, what,
+                    ": logits must be a CPU tensor [B, V] with V > 0, got ", logits_in.sizes());
+  TORCH_CHECK_TYPE(is_f32_or_bf16(logits_in), what, ": logits must be float32 or bfloat16, got ",
+                   logits_in.scalar_type());
+  const int64_t B = logits_in.size(0), V = logits_in.size(1);
+  const at::Tensor temp = checked_vector(temperature, B, at::kFloat, "temperature", what);
+  const at::Tensor tk = checked_vector(top_k, B, at::kLong, "top_k", what);
+  const at::Tensor tp = checked_vector(top_p, B, at::kFloat, "top_p", what);
+  const at::Tensor mp = checked_vector(min_p, B, at::kFloat, "min_p", what);
+  const at::Tensor u = checked_vector(uniform, B, at::kFloat, "uniform", what);
+  at::Tensor tokens = at::empty({B}, at::TensorOptions().dtype(at::kLong));
+  at::Tensor logprobs = at::empty({B}, at::TensorOptions().dtype(at::kFloat));
+  if (B == 0) return {tokens, logprobs};
+  const at::Tensor logits = unit_last_stride(logits_in);
+  const SampleArgs a{logits.data_ptr(),
+                     temp.data_ptr<float>(), tp.data_ptr<float>(), mp.data_ptr<float>(), u.data_ptr<float>(),
+                     tk.data_ptr<int64_t>(),
+                     tokens.data_ptr<int64_t>(),
+                     logprobs.data_ptr<float>(),
+                     logits.stride(0), V,
+                     static_cast<int>(softmax_lanes),
+                     logits.scalar_type() == at::kBFloat16};
+  const Impl* impl = g_impl;
+  const int64_t scratch = (V + 15) / 16 * 16;  // whole vectors
+  at::parallel_for(0, B, V >= 16384 ? 1 : 16384 / V, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(scratch);
+    impl->sample(a, begin, end, buf.data());
+  });
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK_VALUE(a.tokens[b] >= 0, what, ": logits row ", b,
+                      " has no finite maximum (NaN, +inf or every logit -inf)");
+  return {tokens, logprobs};
 }
 
 }  // namespace nreft

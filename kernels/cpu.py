@@ -5,7 +5,8 @@ backend and IPEX run their matmuls: about 1.8x the throughput of `F.linear` on S
 `ops.py` sends CPU tensors here when the extension provides them. Each wrapper runs the C++ kernel on the
 inputs it supports (float32 / bfloat16, the usual layouts, no autograd) and the torch reference otherwise,
 so results are always the reference's: fp32 within 1e-5 relative, bf16 rounded at the same points
-(residual sum, silu before the multiply, normalized row before the weight multiply).
+(residual sum, silu before the multiply, normalized row before the weight multiply, rotated q and k), and
+the sampler's tokens those of the reference for the same uniforms.
 
 The kernels are compiled for AVX-512, AVX2 and baseline x86-64 and pick the best the CPU has at import;
 `set_isa` (tests, benchmarks) or NREFT_CPU_ISA=avx512|avx2|base choose one explicitly.
@@ -13,12 +14,16 @@ The kernels are compiled for AVX-512, AVX2 and baseline x86-64 and pick the best
 
 from __future__ import annotations
 
+import platform
+
 import torch
 
 from nreft_engine import _C
 from nreft_engine.kernels.activation import silu_and_mul_reference
 from nreft_engine.kernels.paged_attention import paged_decode_attention_reference
 from nreft_engine.kernels.rms_norm import rms_norm_reference
+from nreft_engine.kernels.rope import rope_write_kv_reference
+from nreft_engine.kernels.sampler import sample_reference
 
 _DTYPES = (torch.float32, torch.bfloat16)
 PACKED_LINEAR_DTYPES = _DTYPES
@@ -30,8 +35,11 @@ __all__ = [
     "pack_linear_weight",
     "paged_decode_attention_cpu",
     "rms_norm_cpu",
+    "rope_write_kv_cpu",
+    "sample_cpu",
     "set_isa",
     "silu_and_mul_cpu",
+    "softmax_lanes",
 ]
 
 
@@ -123,3 +131,63 @@ def silu_and_mul_cpu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     ):
         return _C.silu_and_mul_cpu(gate, up)
     return silu_and_mul_reference(gate, up)
+
+
+def rope_write_kv_cpu(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """C++ `rope_write_kv_reference`: one pass per token rotates q and k and writes k, v into its cache slot;
+    q/k/v may be strided views of one fused projection; caches of q's dtype, fp32 cos/sin."""
+    if (
+        q.dtype in _DTYPES
+        and all(t.dtype == q.dtype for t in (k, v, k_cache, v_cache))
+        and cos.dtype == torch.float32
+        and sin.dtype == torch.float32
+        and k_cache.is_contiguous()
+        and v_cache.is_contiguous()
+        and not _autograd(q, k, v)
+    ):
+        positions, slot_mapping = positions.long(), slot_mapping.long()
+        return _C.rope_write_kv_cpu(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
+    return rope_write_kv_reference(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
+
+
+def softmax_lanes() -> int:
+    """The fp32 lanes in which torch's CPU softmax sums, which top-p's kept tokens can depend on: the floats
+    of ATen's Vectorized<float> at the active capability, AVX-512 or AVX2 on x86-64; 0 elsewhere (unknown)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return 0
+    return {"AVX512": 16, "AVX2": 8}.get(torch.backends.cpu.get_cpu_capability(), 0)
+
+
+def sample_cpu(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    uniform: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """C++ `sample_reference`: a few passes over each row, rows in parallel; the same tokens for the same
+    uniforms. Top-k / top-p order only a few candidates, or most of the row where top-p's cut depends on the
+    reference's fp32 rounding (reproduced). ValueError for a row without a finite maximum."""
+    lanes = softmax_lanes()
+    if (
+        logits.dtype in _DTYPES
+        and logits.dim() == 2
+        and logits.shape[1] > 0
+        and lanes
+        and not _autograd(logits)
+    ):
+        return _C.sample_cpu(
+            logits, temperature.float(), top_k.long(), top_p.float(), min_p.float(), uniform.float(), lanes
+        )
+    return sample_reference(logits, temperature, top_k, top_p, min_p, uniform)

@@ -5,6 +5,16 @@ from __future__ import annotations
 import torch
 
 
+def rope_cos_sin(
+    max_pos: int, dim: int, base: float = 10000.0, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin tables [max_pos, dim / 2] of the plain RoPE frequencies base^(-2i / dim), for tests and
+    benchmarks (the engine takes its model's own: models/weights.py)."""
+    inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
+    ang = torch.arange(max_pos, dtype=torch.float32, device=device)[:, None] * inv[None, :]
+    return ang.cos(), ang.sin()
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the two halves of the last dim of x [T, heads, D] by cos/sin [T, D/2] (HF rotate_half)."""
     half = x.shape[-1] // 2

@@ -4,16 +4,20 @@ Every case runs on each instruction set this CPU supports (the kernels are compi
 baseline x86-64, chosen at run time), with outputs poisoned with NaN so an unwritten element fails.
 """
 
+import functools
+import itertools
 import os
 from unittest import mock
 
 import pytest
 import torch
 from kernel_testing import assert_close_rel, random_block_tables
-from nreft_engine.kernels import cpu
+from nreft_engine.kernels import activation, cpu, paged_attention, rms_norm, rope, sampler
 from nreft_engine.kernels.activation import silu_and_mul_reference
 from nreft_engine.kernels.paged_attention import paged_decode_attention_reference
 from nreft_engine.kernels.rms_norm import rms_norm_reference
+from nreft_engine.kernels.rope import rope_cos_sin, rope_write_kv_reference
+from nreft_engine.kernels.sampler import filter_logits, sample_reference
 
 from nreft_engine import ops
 
@@ -221,19 +225,204 @@ def test_silu_exp_range_and_special_values(isa):
     torch.testing.assert_close(out[finite], exact[finite], rtol=4e-7, atol=1e-38)
 
 
+# ------------------------------------------------ RoPE + paged-cache write ------------------------------------------------
+
+
+def _rope_case(dtype, head_dim, group, kv_heads=3, tokens=11, page=16, num_blocks=5, max_pos=32768, seed=0):
+    """q, k, v as strided views of one fused [T, (H + 2 KVH) * D] projection, positions up to the end of
+    the tables, some padding slots (-1), caches poisoned with NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    heads = group * kv_heads
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    q, k, v = (t.view(tokens, -1, head_dim) for t in qkv.split(sizes, dim=1))
+    positions = torch.randint(0, max_pos, (tokens,), generator=gen)
+    positions[0] = max_pos - 1
+    slots = torch.randperm(num_blocks * page, generator=gen)[:tokens]
+    slots[[1, 4]] = -1
+    cos, sin = rope_cos_sin(max_pos, head_dim)
+    shape = (num_blocks, page, kv_heads, head_dim)
+    return q, k, v, positions, cos, sin, _nan_like(shape, dtype), _nan_like(shape, dtype), slots
+
+
+def _assert_cache_matches(cache, ref, dtype):
+    """Exactly the slots the reference wrote are written (the rest stay NaN), with its values."""
+    written = ~torch.isnan(ref)
+    assert torch.equal(~torch.isnan(cache), written), "written slots differ from the reference's"
+    assert_close_rel(cache[written], ref[written], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128, 80])  # 80: a scalar tail after the vectors of each half
+@pytest.mark.parametrize("group", [1, 4])
+def test_rope_write_kv(isa, dtype, head_dim, group):
+    q, k, v, pos, cos, sin, kc, vc, slots = _rope_case(dtype, head_dim, group, seed=head_dim + group)
+    assert not q.is_contiguous() and not k.is_contiguous() and not v.is_contiguous()
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    q_ref, k_ref = rope_write_kv_reference(q, k, v, pos, cos, sin, kc_ref, vc_ref, slots)
+    outs = {"q_out": _nan_like(q.shape, dtype), "k_out": _nan_like(k.shape, dtype)}
+    q_rot, k_rot = C.rope_write_kv_cpu(q, k, v, pos, cos, sin, kc, vc, slots, **outs)
+    assert_close_rel(q_rot, q_ref, dtype)
+    assert_close_rel(k_rot, k_ref, dtype)
+    _assert_cache_matches(kc, kc_ref, dtype)
+    _assert_cache_matches(vc, vc_ref, dtype)
+    assert torch.equal(vc.nan_to_num(), vc_ref.nan_to_num()), "v is copied, not computed"
+
+
+@pytest.mark.parametrize(
+    "name,value,match",
+    [
+        ("positions", 4096, r"positions\[10\] = 4096 out of range \[0, 4096\)"),
+        ("positions", -1, r"positions\[10\] = -1 out of range"),
+        ("slots", 80, r"slot_mapping\[10\] = 80 out of range: the cache has 80 slots"),
+    ],
+)
+def test_rope_write_kv_rejects_bad_positions_and_slots(name, value, match):
+    """A bad last token fails the call before any token's k / v reaches the cache."""
+    q, k, v, pos, cos, sin, kc, vc, slots = _rope_case(torch.float32, 64, 1, max_pos=4096)
+    (pos if name == "positions" else slots)[-1] = value
+    with pytest.raises(ValueError, match=match):
+        cpu.rope_write_kv_cpu(q, k, v, pos, cos, sin, kc, vc, slots)
+    assert kc.isnan().all() and vc.isnan().all()
+
+
+def test_rope_write_kv_wrapper_int32_indices_and_fallback():
+    """int32 positions / slots go through the wrapper; caches of another dtype fall back to the reference."""
+    q, k, v, pos, cos, sin, kc, vc, slots = _rope_case(torch.float32, 64, 3)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    q_ref, k_ref = rope_write_kv_reference(q, k, v, pos, cos, sin, kc_ref, vc_ref, slots)
+    q_rot, k_rot = cpu.rope_write_kv_cpu(q, k, v, pos.int(), cos, sin, kc, vc, slots.int())
+    assert_close_rel(q_rot, q_ref, torch.float32)
+    _assert_cache_matches(kc, kc_ref, torch.float32)
+    kc16, vc16 = kc.bfloat16().fill_(float("nan")), vc.bfloat16().fill_(float("nan"))
+    q16, k16 = cpu.rope_write_kv_cpu(q, k, v, pos, cos, sin, kc16, vc16, slots)
+    assert torch.equal(q16, q_ref) and torch.equal(k16, k_ref)
+    _assert_cache_matches(kc16, kc_ref.bfloat16(), torch.bfloat16)
+
+
+# ------------------------------------------------ sampling ------------------------------------------------
+
+LANES = cpu.softmax_lanes()  # of torch's fp32 softmax sums, which top-p's kept tokens can depend on
+
+# every combination of (temperature (0 = greedy), top_k, top_p, min_p), top_k 0 and V meaning "off"
+SAMPLE_SETTINGS = list(
+    itertools.product([0.0, 0.5, 1.0, 1.3], [0, 1, 5, "V"], [1.0, 0.9, 0.5, 0.01], [0.0, 0.1])
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _sample_case(dtype, vocab):
+    """Each setting on three rows of one batch: normal logits, logits rounded to a few values (heavy ties,
+    at the maximum too) and logits with -inf entries (masked vocabulary and its padding); the reference's
+    tokens and log-probs for random uniforms, 0 and 1 - 2^-24 included."""
+    gen = torch.Generator().manual_seed(vocab)
+    kinds = 3
+    rows = len(SAMPLE_SETTINGS) * kinds
+    logits = 3 * torch.randn(rows, vocab, generator=gen)
+    logits[1::kinds] = (logits[1::kinds] / 2).round()
+    masked = logits[2::kinds]
+    drop = torch.rand(masked.shape, generator=gen) < 0.3
+    drop[:, -min(24, vocab // 4) :] = True
+    drop[:, 0] = False
+    masked[drop] = float("-inf")
+    logits = logits.to(dtype)
+    temperature, top_k, top_p, min_p = (
+        torch.tensor([s[i] if s[i] != "V" else vocab for s in SAMPLE_SETTINGS]).repeat_interleave(kinds)
+        for i in range(4)
+    )
+    params = (temperature.float(), top_k.long(), top_p.float(), min_p.float())
+    uniform = torch.rand(rows, generator=gen)
+    uniform[-6:-3], uniform[-3:] = 0.0, 1.0 - 2**-24
+    return logits, params, uniform, sample_reference(logits, *params, uniform)
+
+
+def _assert_same_samples(out, ref):
+    tok, lp = out
+    ref_tok, ref_lp = ref
+    assert tok.dtype == torch.int64 and lp.dtype == torch.float32
+    bad = (tok != ref_tok).nonzero().flatten().tolist()
+    assert not bad, f"rows {bad}: tokens {tok[bad].tolist()}, the reference's {ref_tok[bad].tolist()}"
+    torch.testing.assert_close(lp, ref_lp, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [1003, 49152, 7])  # 1003, 7: a partial vector at the end of each row
+def test_sample(isa, dtype, vocab):
+    logits, params, uniform, ref = _sample_case(dtype, vocab)
+    _assert_same_samples(C.sample_cpu(logits, *params, uniform, LANES), ref)
+
+
+def test_sample_top_p_follows_the_references_fp32_softmax_sum(isa):
+    """torch sums the sorted row's softmax denominator in fp32 lanes: with 40 leading tokens over 49k at -16,
+    its rounding moves the mass before each leading token by up to 3e-5. With top_p just above the reference's
+    mass before token i, it keeps token i, which the exact mass would drop."""
+    vocab, positions = 49152, torch.tensor([5, 20, 30])
+    row = torch.full((vocab,), -16.0)
+    row[torch.randperm(vocab, generator=torch.Generator().manual_seed(0))[:40]] = -0.1 * torch.arange(40.0)
+    probs = row.sort(descending=True).values.softmax(-1)
+    top_p = torch.nextafter((probs.cumsum(-1) - probs)[positions], torch.tensor(1.0))
+    exact = (row.double() - row.max()).exp().sort(descending=True).values
+    assert ((exact.cumsum(-1) - exact)[positions] / exact.sum() >= top_p).all()
+    batch = 4 * len(positions)
+    logits = row.expand(batch, vocab).contiguous()
+    params = (torch.ones(batch), torch.zeros(batch, dtype=torch.int64), top_p.repeat(4), torch.zeros(batch))
+    kept = filter_logits(logits, *params).isfinite().sum(-1)
+    assert torch.equal(kept, (positions + 1).repeat(4))
+    uniform = torch.rand(batch, generator=torch.Generator().manual_seed(1))
+    ref = sample_reference(logits, *params, uniform)
+    _assert_same_samples(C.sample_cpu(logits, *params, uniform, LANES), ref)
+
+
+def test_sample_wrapper_strided_rows_and_other_dtypes():
+    """Rows of a wider tensor; int32 top_k and float64 parameters go through the wrapper."""
+    logits, (temperature, top_k, top_p, min_p), uniform, ref = _sample_case(torch.float32, 1003)
+    wide = torch.full((logits.shape[0], 1100), float("nan"))
+    wide[:, :1003] = logits
+    out = cpu.sample_cpu(wide[:, :1003], temperature.double(), top_k.int(), top_p.double(), min_p, uniform)
+    _assert_same_samples(out, ref)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "all -inf"])
+def test_sample_rejects_rows_without_finite_maximum(bad):
+    logits = torch.randn(3, 40)
+    if bad == "all -inf":
+        logits[1] = float("-inf")
+    else:
+        logits[1, 5] = float(bad)
+    params = (torch.ones(3), torch.zeros(3, dtype=torch.int64), torch.ones(3), torch.zeros(3), torch.rand(3))
+    with pytest.raises(ValueError, match="row 1 has no finite maximum"):
+        C.sample_cpu(logits, *params, LANES)
+
+
+def test_sample_falls_back_to_the_reference_under_autograd():
+    logits = torch.randn(2, 50, requires_grad=True)
+    params = (torch.ones(2), torch.tensor([0, 5]), torch.tensor([1.0, 0.9]), torch.zeros(2), torch.rand(2))
+    _, lp = cpu.sample_cpu(logits, *params)
+    lp.sum().backward()
+    assert logits.grad is not None
+
+
 # ------------------------------------------------ dispatch ------------------------------------------------
 
 
-def test_ops_dispatch_picks_cpu_kernels():
-    from nreft_engine.kernels import rms_norm as rms_mod
-
+@pytest.mark.parametrize(
+    "module,name",
+    [
+        (rms_norm, "rms_norm"),
+        (activation, "silu_and_mul"),
+        (paged_attention, "paged_decode_attention"),
+        (rope, "rope_write_kv"),
+        (sampler, "sample"),
+    ],
+)
+def test_ops_dispatch_picks_cpu_kernels(module, name):
     t = torch.zeros(1)
     with mock.patch.dict(os.environ, {"NREFT_FORCE_TRITON": "0", "NREFT_CPU_KERNELS": "1"}):
-        assert ops._pick(rms_mod, "rms_norm", t) is cpu.rms_norm_cpu
+        assert ops._pick(module, name, t) is getattr(cpu, f"{name}_cpu")
     with mock.patch.dict(os.environ, {"NREFT_CPU_KERNELS": "0", "NREFT_FORCE_TRITON": "0"}):
-        assert ops._pick(rms_mod, "rms_norm", t) is rms_mod.rms_norm_reference
+        assert ops._pick(module, name, t) is getattr(module, f"{name}_reference")
     with mock.patch.dict(os.environ, {"NREFT_FORCE_TRITON": "1"}):
-        assert ops._pick(rms_mod, "rms_norm", t) is rms_mod.rms_norm_triton
+        assert ops._pick(module, name, t) is getattr(module, f"{name}_triton")
 
 
 def test_isa_selection():

@@ -6,12 +6,6 @@ from kernel_testing import assert_close_rel, poisoned_outputs
 from nreft_engine.kernels import rope as mod
 
 
-def _cos_sin(max_pos: int, dim: int, base: float = 10000.0):
-    inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-    ang = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv[None, :]
-    return ang.cos(), ang.sin()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("group", [1, 3, 4, 8])
@@ -25,7 +19,7 @@ def test_rope_write_kv_matches_reference(dtype, head_dim, group, page):
     qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim, generator=gen).to(dtype)
     q, k, v = qkv[:, :heads], qkv[:, heads : heads + kv_heads], qkv[:, heads + kv_heads :]
     positions = torch.randint(0, max_pos, (tokens,), generator=gen)
-    cos, sin = _cos_sin(max_pos, head_dim)
+    cos, sin = mod.rope_cos_sin(max_pos, head_dim)
     # random distinct slots across the whole (non-contiguous) cache, some padding (-1)
     slots = torch.randperm(num_blocks * page, generator=gen)[:tokens]
     slots[[2, 7, 9]] = -1

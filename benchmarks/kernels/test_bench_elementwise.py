@@ -5,7 +5,7 @@ import torch
 from kernel_bench import BATCHES, DEVICE, DTYPE, IMPLS, MODELS, run_benchmark
 from nreft_engine.kernels.activation import silu_and_mul_reference, silu_and_mul_triton
 from nreft_engine.kernels.rms_norm import rms_norm_reference, rms_norm_triton
-from nreft_engine.kernels.rope import rope_write_kv_reference, rope_write_kv_triton
+from nreft_engine.kernels.rope import rope_cos_sin, rope_write_kv_reference, rope_write_kv_triton
 
 ES = torch.finfo(DTYPE).bits // 8
 
@@ -48,9 +48,7 @@ def test_rope_write_kv(benchmark, copy_bandwidth, model, batch, impl):
     h, kvh, d = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
     page, max_pos = 16, 8192
     fn = rope_write_kv_triton if impl == "triton" else rope_write_kv_reference
-    inv = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32, device=DEVICE) / d)
-    ang = torch.arange(max_pos, dtype=torch.float32, device=DEVICE)[:, None] * inv[None, :]
-    cos, sin = ang.cos(), ang.sin()
+    cos, sin = rope_cos_sin(max_pos, d, device=DEVICE)
     num_blocks = batch * max_pos // page // 4
 
     def make():
