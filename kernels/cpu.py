@@ -14,6 +14,7 @@ The kernels are compiled for AVX-512, AVX2 and baseline x86-64 and pick the best
 
 from __future__ import annotations
 
+import functools
 import platform
 
 import torch
@@ -160,9 +161,11 @@ def rope_write_kv_cpu(
     return rope_write_kv_reference(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
 
 
+@functools.cache
 def softmax_lanes() -> int:
     """The fp32 lanes in which torch's CPU softmax sums, which top-p's kept tokens can depend on: the floats
-    of ATen's Vectorized<float> at the active capability, AVX-512 or AVX2 on x86-64; 0 elsewhere (unknown)."""
+    of ATen's Vectorized<float> at the active capability, AVX-512 or AVX2 on x86-64; 0 elsewhere (unknown).
+    Fixed for the process, so computed once."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return 0
     return {"AVX512": 16, "AVX2": 8}.get(torch.backends.cpu.get_cpu_capability(), 0)
