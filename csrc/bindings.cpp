@@ -72,6 +72,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sample_cpu", &nreft::sample_cpu, py::arg("logits"), py::arg("temperature"), py::arg("top_k"),
         py::arg("top_p"), py::arg("min_p"), py::arg("uniform"), py::arg("softmax_lanes"),
         "Temperature / top-k / top-p / min-p, inverse-CDF sampling with the given uniforms: (tokens, logprobs).");
+  m.def("pack_rows16", &nreft::pack_rows16, py::arg("weight"),
+        "weight [N, K] copied into [ceil(N / 16), K, 16] (rows in blocks of 16) for linear_rows16_cpu.");
+  m.def("linear_rows16_cpu", &nreft::linear_rows16_cpu, py::arg("x"), py::arg("packed"), py::arg("bias"),
+        py::arg("out_features"), "x @ W.T + bias with W packed by pack_rows16: the small-batch linear.");
   m.def("cpu_isa", &nreft::cpu_isa, "Instruction set the CPU kernels run: avx512, avx2 or base.");
   m.def("set_cpu_isa", &nreft::set_cpu_isa, py::arg("isa"),
         "Run the CPU kernels with avx512, avx2 or base code ('' = the best this CPU supports).");

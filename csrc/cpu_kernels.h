@@ -54,4 +54,13 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits, const at
 std::string cpu_isa();
 void set_cpu_isa(const std::string& isa);
 
+// Small-batch linear (the decode step at batch 1-8 is a memory-bound matrix-vector product). pack_rows16
+// copies weight [N, K] (fp32 / bf16) into [ceil(N / 16), K, 16]: its rows in blocks of 16, zero-padded, each
+// block k-major, so one block is one sequential read; on Linux the copy sits in 2 MiB pages. linear_rows16_cpu
+// computes x [..., K] @ W.T + bias [N] from it, fp32 sums in k order, in x's dtype (W's). Any number of rows;
+// beyond a few, a blocked GEMM (oneDNN) is faster.
+at::Tensor pack_rows16(const at::Tensor& weight);
+at::Tensor linear_rows16_cpu(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                             int64_t out_features);
+
 }  // namespace nreft

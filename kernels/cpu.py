@@ -1,6 +1,7 @@
 """The C++ CPU kernels of nreft_engine._C (csrc/cpu_kernels.cpp), behind the torch references' signatures,
-and the oneDNN prepacked linear (weights reordered once into oneDNN's blocked layout, the way vLLM's CPU
-backend and IPEX run their matmuls: about 1.8x the throughput of `F.linear` on SmolLM2's shapes).
+and the prepacked linear: each weight copied once into oneDNN's blocked layout (the way vLLM's CPU backend
+and IPEX run their matmuls: about 1.8x the throughput of `F.linear` on SmolLM2's shapes at batch 64) and
+into the C++ small-batch layout (`pack_rows16`: 1.5x oneDNN for the memory-bound batch 1).
 
 `ops.py` sends CPU tensors here when the extension provides them. Each wrapper runs the C++ kernel on the
 inputs it supports (float32 / bfloat16, the usual layouts, no autograd) and the torch reference otherwise,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import platform
+from typing import NamedTuple
 
 import torch
 
@@ -28,8 +30,11 @@ from nreft_engine.kernels.sampler import sample_reference
 
 _DTYPES = (torch.float32, torch.bfloat16)
 PACKED_LINEAR_DTYPES = _DTYPES
+# Most rows for which the small-batch kernel beats oneDNN (2-core Zen 4, SmolLM2 shapes; benchmarks/RESULTS.md)
+ROWS16_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 4}
 
 __all__ = [
+    "PackedLinear",
     "can_pack_linear",
     "isa",
     "linear_packed",
@@ -59,16 +64,29 @@ def can_pack_linear() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A copy of `weight` [out, in] in oneDNN's blocked layout, for any batch size (an opaque mkldnn tensor)."""
+class PackedLinear(NamedTuple):
+    """A weight [out, in] copied into two layouts: oneDNN's blocked one (an opaque mkldnn tensor) for batches,
+    `pack_rows16`'s [ceil(out / 16), in, 16] for a few rows, where the matmul only streams the weight."""
+
+    onednn: torch.Tensor
+    rows16: torch.Tensor
+    out_features: int
+
+
+def pack_linear_weight(weight: torch.Tensor) -> PackedLinear:
+    """`weight` [out, in] (float32 / bfloat16) copied into both layouts of `PackedLinear`."""
     if weight.dtype not in PACKED_LINEAR_DTYPES or weight.dim() != 2:
         raise ValueError(f"can only pack 2-D float32/bfloat16 weights, got {weight.dtype} {tuple(weight.shape)}")
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+    weight = weight.detach().contiguous()
+    return PackedLinear(torch.ops.mkldnn._reorder_linear_weight(weight), _C.pack_rows16(weight), weight.shape[0])
 
 
-def linear_packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W.T + bias with W from `pack_linear_weight`; x [..., in] of W's dtype, any number of rows."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+def linear_packed(x: torch.Tensor, weight: PackedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T + bias with W from `pack_linear_weight`; x [..., in] of W's dtype, any number of rows (up to
+    ROWS16_MAX_ROWS through the small-batch kernel, more through oneDNN)."""
+    if x.numel() <= ROWS16_MAX_ROWS[x.dtype] * x.shape[-1]:
+        return _C.linear_rows16_cpu(x, weight.rows16, bias, weight.out_features)
+    return torch.ops.mkldnn._linear_pointwise(x, weight.onednn, bias, "none", [], "")
 
 
 def _autograd(*tensors) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from nreft_engine import ops
+from nreft_engine.kernels.cpu import PackedLinear
 
 
 def _version(t: torch.Tensor) -> int:
@@ -16,8 +17,8 @@ def _version(t: torch.Tensor) -> int:
 class FusedLinear:
     """y_i = x @ W_i.T + b_i for each source weight W_i [out_i, in], computed as one matmul.
 
-    With `prepack`, the sources are concatenated and laid out by `ops.prepare_linear_weight` (a copy:
-    oneDNN's blocked layout on CPU); `refresh` rebuilds that copy when a source's version counter moved,
+    With `prepack`, the sources are concatenated and laid out by `ops.prepare_linear_weight` (copies: on
+    the CPU, oneDNN's blocked layout and the small-batch kernel's); `refresh` rebuilds that copy when a source's version counter moved,
     which every in-place update (optimizer step, `load_state_dict`, `copy_`) does. Without `prepack`
     the sources are used in place, one matmul each, and nothing is copied.
     """
@@ -30,7 +31,7 @@ class FusedLinear:
         self.biases = biases
         self.splits = [w.shape[0] for w in weights]
         self.prepack = prepack
-        self.weight: torch.Tensor | None = None
+        self.weight: torch.Tensor | PackedLinear | None = None
         self.bias: torch.Tensor | None = None
         self._versions: tuple[int, ...] | None = None
         self.refresh()

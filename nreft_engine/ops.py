@@ -59,17 +59,19 @@ def can_prepack_linear(device: torch.device) -> bool:
     return use_cpu_kernels(device) and cpu_kernels.can_pack_linear()
 
 
-def prepare_linear_weight(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` [out, in] in the layout `linear` runs fastest with: oneDNN's blocked copy for the CPU
-    kernels (see kernels/cpu.py), the weight itself otherwise."""
+def prepare_linear_weight(weight: torch.Tensor) -> torch.Tensor | cpu_kernels.PackedLinear:
+    """`weight` [out, in] in the layout `linear` runs fastest with: the CPU kernels' packed copies (see
+    kernels/cpu.py), the weight itself otherwise."""
     if can_prepack_linear(weight.device) and weight.dtype in cpu_kernels.PACKED_LINEAR_DTYPES:
         return cpu_kernels.pack_linear_weight(weight)
     return weight
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor | cpu_kernels.PackedLinear, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """x @ weight.T + bias, for a plain weight or one from `prepare_linear_weight`."""
-    if weight.is_mkldnn:
+    if isinstance(weight, cpu_kernels.PackedLinear):
         return cpu_kernels.linear_packed(x, weight, bias)
     return F.linear(x, weight, bias)
 

@@ -439,18 +439,50 @@ def test_isa_selection():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 7, 8, 9, 64, 300])
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_linear_matches_f_linear(dtype, rows, bias):
+    """Both layouts (the small-batch kernel up to ROWS16_MAX_ROWS rows, oneDNN beyond), 90 outputs: a partial
+    last block of 16."""
     gen = torch.Generator().manual_seed(rows)
-    weight = (torch.randn(96, 64, generator=gen) / 8).to(dtype)
-    b = torch.randn(96, generator=gen).to(dtype) if bias else None
+    weight = (torch.randn(90, 64, generator=gen) / 8).to(dtype)
+    b = torch.randn(90, generator=gen).to(dtype) if bias else None
     x = torch.randn(rows, 64, generator=gen).to(dtype)
     packed = cpu.pack_linear_weight(weight)
-    assert packed.is_mkldnn
+    assert packed.onednn.is_mkldnn and packed.rows16.shape == (6, 64, 16)
     out = ops.linear(x, packed, b)
     ref = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
     assert_close_rel(out, ref.to(dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 64), (3, 2, 64), (0, 64)])
+def test_linear_rows16_matches_f_linear(isa, dtype, shape):
+    """The small-batch kernel on every ISA, leading dims kept, rows in groups of 4 and a ragged last block."""
+    gen = torch.Generator().manual_seed(len(shape))
+    weight = (torch.randn(40, 64, generator=gen) / 8).to(dtype)
+    b = torch.randn(40, generator=gen).to(dtype)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    packed = C.pack_rows16(weight)
+    assert torch.equal(packed[2, :, 8:], torch.zeros(64, 8, dtype=dtype))  # rows 40..47 are padding
+    out = C.linear_rows16_cpu(x, packed, b, 40)
+    ref = torch.nn.functional.linear(x.double(), weight.double(), b.double())
+    assert out.shape == shape[:-1] + (40,) and out.dtype == dtype
+    assert_close_rel(out, ref.to(dtype), dtype)
+
+
+def test_linear_rows16_rejects_mismatches():
+    packed = C.pack_rows16(torch.randn(40, 64))
+    with pytest.raises(ValueError, match="out_features 50"):
+        C.linear_rows16_cpu(torch.randn(1, 64), packed, None, 50)
+    with pytest.raises(ValueError, match=r"x must be \[..., 64\]"):
+        C.linear_rows16_cpu(torch.randn(1, 32), packed, None, 40)
+    with pytest.raises(TypeError, match="BFloat16"):
+        C.linear_rows16_cpu(torch.randn(1, 64, dtype=torch.bfloat16), packed, None, 40)
+    with pytest.raises(ValueError, match=r"bias must be \[40\]"):
+        C.linear_rows16_cpu(torch.randn(1, 64), packed, torch.randn(41), 40)
+    with pytest.raises(TypeError, match="Half"):
+        C.pack_rows16(torch.randn(4, 4, dtype=torch.float16))
 
 
 def test_pack_linear_weight_rejects_other_dtypes():
@@ -460,6 +492,6 @@ def test_pack_linear_weight_rejects_other_dtypes():
 
 def test_prepare_linear_weight_follows_the_dispatch_switch():
     weight = torch.randn(8, 4)
-    assert ops.prepare_linear_weight(weight).is_mkldnn
+    assert isinstance(ops.prepare_linear_weight(weight), cpu.PackedLinear)
     with mock.patch.dict(os.environ, {"NREFT_CPU_KERNELS": "0"}):
         assert ops.prepare_linear_weight(weight) is weight

@@ -6,6 +6,10 @@ without filters (the RL case) and with top-p 0.9, and filtered (temperature 0.7,
 0.05), over logits 4 * N(0, 1): flatter than a model's, so top-p's boundary often lies within the
 reference's rounding, which the kernel then reproduces by sorting most of the row.
 
+The matmuls run as one decode step's worth (30 layers of fused q/k/v, o, fused gate/up, down, and the
+tied lm_head): `F.linear` over the plain weights against `kernels.cpu.linear_packed` over their packed copies
+(the small-batch kernel up to ROWS16_MAX_ROWS rows, oneDNN beyond).
+
 Both variants run in the same process, interleaved round by round (shared machines drift), each round
 timing about 20 ms of calls, and the best round counts. THREADS sets torch's thread count (default 1: the
 most stable numbers on a busy machine); CPUTIME=1 measures thread CPU time instead of wall time (single
@@ -20,6 +24,7 @@ import os
 import time
 
 import torch
+import torch.nn.functional as F
 from nreft_engine.kernels import cpu
 from nreft_engine.kernels.activation import silu_and_mul_reference
 from nreft_engine.kernels.paged_attention import paged_decode_attention_reference
@@ -98,6 +103,10 @@ def run(dtype: torch.dtype, batch: int, gen: torch.Generator) -> None:
         torch.full((batch,), 0.05),
     )
     uniform = torch.rand(batch, generator=gen)
+    shapes = [(hidden + 2 * kv_heads * dim, hidden), (hidden, heads * dim), (2 * inter, hidden), (hidden, inter)]
+    weights = [(torch.randn(o, i, generator=gen) / 32).to(dtype) for o, i in shapes * layers + [(vocab, hidden)]]
+    packed = [cpu.pack_linear_weight(w) for w in weights]
+    inputs = {i: torch.randn(batch, i, generator=gen).to(dtype) for _, i in shapes}
     cases = [  # (name, reference, C++, calls per decode step)
         (
             "paged_decode_attention",
@@ -139,6 +148,12 @@ def run(dtype: torch.dtype, batch: int, gen: torch.Generator) -> None:
             "sample (filtered)",
             lambda: sample_reference(logits, *filtered, uniform),
             lambda: cpu.sample_cpu(logits, *filtered, uniform),
+            1,
+        ),
+        (
+            "linears (whole model)",
+            lambda: [F.linear(inputs[w.shape[1]], w) for w in weights],
+            lambda: [cpu.linear_packed(inputs[w.shape[1]], p) for w, p in zip(weights, packed)],
             1,
         ),
     ]
