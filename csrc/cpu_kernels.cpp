@@ -15,6 +15,7 @@
 #include <cstring>
 #include <functional>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -90,17 +91,20 @@ struct LinearArgs {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2")
 namespace avx512 {
+constexpr int kCmpLanes = 16;  // the widest comparison the instruction set has, in fp32 lanes
 #include "cpu_kernels_impl.inc"
 }  // namespace avx512
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2")
 namespace avx2 {
+constexpr int kCmpLanes = 8;
 #include "cpu_kernels_impl.inc"
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
 namespace base {
+constexpr int kCmpLanes = 4;
 #include "cpu_kernels_impl.inc"
 }  // namespace base
 
