@@ -7,6 +7,7 @@ baseline x86-64, chosen at run time), with outputs poisoned with NaN so an unwri
 import functools
 import itertools
 import os
+import platform
 from unittest import mock
 
 import pytest
@@ -469,6 +470,21 @@ def test_linear_rows16_matches_f_linear(isa, dtype, shape):
     ref = torch.nn.functional.linear(x.double(), weight.double(), b.double())
     assert out.shape == shape[:-1] + (40,) and out.dtype == dtype
     assert_close_rel(out, ref.to(dtype), dtype)
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="2 MiB-aligned own mappings are Linux-only")
+def test_pack_rows16_puts_large_weights_on_their_own_2mib_aligned_memory():
+    """A packed copy of >= 2 MiB is mmapped at a 2 MiB boundary (so it can get huge pages), computes the same
+    results, and is unmapped when freed (repeated packing neither leaks nor crashes)."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(1100, 520, generator=gen) / 16  # 2.2 MiB packed
+    x = torch.randn(2, 520, generator=gen)
+    ref = torch.nn.functional.linear(x.double(), weight.double())
+    for _ in range(20):
+        packed = C.pack_rows16(weight)
+        assert packed.data_ptr() % (2 << 20) == 0
+        assert_close_rel(C.linear_rows16_cpu(x, packed, None, 1100), ref.float(), torch.float32)
+        del packed
 
 
 def test_linear_rows16_rejects_mismatches():
