@@ -1,7 +1,7 @@
 """The C++ CPU kernels of nreft_engine._C (csrc/cpu_kernels.cpp), behind the torch references' signatures,
 and the prepacked linear: each weight copied once into oneDNN's blocked layout (the way vLLM's CPU backend
 and IPEX run their matmuls: about 1.8x the throughput of `F.linear` on SmolLM2's shapes at batch 64) and
-into the C++ small-batch layout (`pack_rows16`: 1.5x oneDNN for the memory-bound batch 1).
+into the C++ small-batch layout (`pack_rows16`: 1.6x oneDNN at the memory-bound batch 1).
 
 `ops.py` sends CPU tensors here when the extension provides them. Each wrapper runs the C++ kernel on the
 inputs it supports (float32 / bfloat16, the usual layouts, no autograd) and the torch reference otherwise,
@@ -84,7 +84,7 @@ def pack_linear_weight(weight: torch.Tensor) -> PackedLinear:
 def linear_packed(x: torch.Tensor, weight: PackedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W.T + bias with W from `pack_linear_weight`; x [..., in] of W's dtype, any number of rows (up to
     ROWS16_MAX_ROWS through the small-batch kernel, more through oneDNN)."""
-    if x.numel() <= ROWS16_MAX_ROWS[x.dtype] * x.shape[-1]:
+    if x.numel() <= ROWS16_MAX_ROWS.get(x.dtype, 0) * x.shape[-1]:
         return _C.linear_rows16_cpu(x, weight.rows16, bias, weight.out_features)
     return torch.ops.mkldnn._linear_pointwise(x, weight.onednn, bias, "none", [], "")
 

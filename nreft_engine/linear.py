@@ -18,9 +18,9 @@ class FusedLinear:
     """y_i = x @ W_i.T + b_i for each source weight W_i [out_i, in], computed as one matmul.
 
     With `prepack`, the sources are concatenated and laid out by `ops.prepare_linear_weight` (copies: on
-    the CPU, oneDNN's blocked layout and the small-batch kernel's); `refresh` rebuilds that copy when a source's version counter moved,
-    which every in-place update (optimizer step, `load_state_dict`, `copy_`) does. Without `prepack`
-    the sources are used in place, one matmul each, and nothing is copied.
+    the CPU, oneDNN's blocked layout and the small-batch kernel's); `refresh` rebuilds them when a source's
+    version counter moved, which every in-place update (optimizer step, `load_state_dict`, `copy_`) does.
+    Without `prepack` the sources are used in place, one matmul each, and nothing is copied.
     """
 
     def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None] | None = None, *, prepack: bool):
