@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,3 +85,18 @@ def test_engine_sees_an_optimizer_step(prepack):
     expected = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(after.token_ids)[:, None])[:, 0]
     torch.testing.assert_close(torch.tensor(after.logprobs), expected, rtol=0, atol=1e-4)
     assert after.logprobs != before.logprobs
+
+
+def test_default_packs_only_when_the_copies_fit_in_half_the_available_memory(caplog):
+    """Two packed copies of the 2-D weights (tied ones counted once) must fit in half of available memory."""
+    model = make_tiny_model("qwen2")
+    matrices = {p.data_ptr(): p for p in model.parameters() if p.dim() == 2}
+    copies = 2 * sum(p.numel() * p.element_size() for p in matrices.values())
+    with mock.patch("nreft_engine.engine.available_memory", return_value=2 * copies):
+        assert Engine(model, kv_cache_memory=1 << 22).prepack_weights is True
+    with mock.patch("nreft_engine.engine.available_memory", return_value=2 * copies - 2), caplog.at_level("WARNING"):
+        engine = Engine(model, kv_cache_memory=1 << 22)
+    assert engine.prepack_weights is False
+    assert "prepack_weights=True" in caplog.text
+    with mock.patch("nreft_engine.engine.available_memory", return_value=0):
+        assert Engine(model, kv_cache_memory=1 << 22, prepack_weights=True).prepack_weights is True
