@@ -1,7 +1,8 @@
 """Shared set-up of the kernel micro-benchmarks (`pytest benchmarks/kernels --benchmark-only`).
 
-Each benchmark times one kernel at a realistic shape, as its torch reference ("torch") and, on a CUDA
-device, as the Triton kernel ("triton"). extra_info records the bytes the op must move at least (each
+Each benchmark times one kernel at a realistic shape, as its torch reference ("torch") and as what the
+engine runs: on the CPU the C++ kernel of kernels/cpu.py ("cpu"), on a CUDA device the Triton kernel
+("triton"). extra_info records the bytes the op must move at least (each
 input read once, each output written once), the achieved GB/s, the device's measured copy bandwidth
 (a large device-to-device copy, bytes read + written, timed the same way) and their ratio.
 
@@ -42,6 +43,10 @@ CONTEXTS = [512, 2048, 8192] if FULL else [512, 2048]
 IMPLS = [
     "torch",
     pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(HAS_CUDA, reason="the C++ CPU kernels are timed where the benchmark runs on the CPU"),
+    ),
+    pytest.param(
         "triton",
         marks=pytest.mark.skipif(
             not HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1",
@@ -49,6 +54,19 @@ IMPLS = [
         ),
     ),
 ]
+
+
+def kernel(module, name: str, impl: str):
+    """Kernel `name` of `module` as `impl`: its torch reference ("torch"), the C++ CPU kernel of
+    kernels/cpu.py ("cpu"; skipped where the op has none) or the Triton kernel ("triton")."""
+    if impl == "cpu":
+        from nreft_engine.kernels import cpu
+
+        fn = getattr(cpu, f"{name}_cpu", None)
+        if fn is None:
+            pytest.skip(f"{name} has no C++ CPU kernel: the engine's CPU path is its torch reference")
+        return fn
+    return getattr(module, f"{name}_{'triton' if impl == 'triton' else 'reference'}")
 
 
 def _median_seconds_cpu(fn, repeat: int = 7) -> float:

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-from kernel_bench import BATCHES, DEVICE, DTYPE, IMPLS, MODELS, run_benchmark
-from nreft_engine.kernels.activation import silu_and_mul_reference, silu_and_mul_triton
-from nreft_engine.kernels.rms_norm import rms_norm_reference, rms_norm_triton
-from nreft_engine.kernels.rope import rope_cos_sin, rope_write_kv_reference, rope_write_kv_triton
+from kernel_bench import BATCHES, DEVICE, DTYPE, IMPLS, MODELS, kernel, run_benchmark
+from nreft_engine.kernels import activation, rms_norm, rope
+from nreft_engine.kernels.rope import rope_cos_sin
 
 ES = torch.finfo(DTYPE).bits // 8
 
@@ -15,7 +14,7 @@ ES = torch.finfo(DTYPE).bits // 8
 @pytest.mark.parametrize("model", list(MODELS))
 def test_rms_norm(benchmark, copy_bandwidth, model, batch, impl):
     hidden = MODELS[model]["hidden"]
-    fn = rms_norm_triton if impl == "triton" else rms_norm_reference
+    fn = kernel(rms_norm, "rms_norm", impl)
 
     def make():
         x = torch.randn(batch, hidden, device=DEVICE, dtype=DTYPE)
@@ -30,7 +29,7 @@ def test_rms_norm(benchmark, copy_bandwidth, model, batch, impl):
 @pytest.mark.parametrize("model", list(MODELS))
 def test_silu_and_mul(benchmark, copy_bandwidth, model, batch, impl):
     inter = MODELS[model]["inter"]
-    fn = silu_and_mul_triton if impl == "triton" else silu_and_mul_reference
+    fn = kernel(activation, "silu_and_mul", impl)
 
     def make():
         gate_up = torch.randn(batch, 2 * inter, device=DEVICE, dtype=DTYPE)  # the fused projection's output
@@ -47,7 +46,7 @@ def test_rope_write_kv(benchmark, copy_bandwidth, model, batch, impl):
     cfg = MODELS[model]
     h, kvh, d = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
     page, max_pos = 16, 8192
-    fn = rope_write_kv_triton if impl == "triton" else rope_write_kv_reference
+    fn = kernel(rope, "rope_write_kv", impl)
     cos, sin = rope_cos_sin(max_pos, d, device=DEVICE)
     num_blocks = batch * max_pos // page // 4
 

@@ -2,11 +2,8 @@
 
 import pytest
 import torch
-from kernel_bench import BATCHES, CONTEXTS, DEVICE, DTYPE, IMPLS, MODELS, run_benchmark
-from nreft_engine.kernels.paged_attention import (
-    paged_decode_attention_reference,
-    paged_decode_attention_triton,
-)
+from kernel_bench import BATCHES, CONTEXTS, DEVICE, DTYPE, IMPLS, MODELS, kernel, run_benchmark
+from nreft_engine.kernels import paged_attention
 
 ES = torch.finfo(DTYPE).bits // 8
 PAGE = 16
@@ -22,7 +19,7 @@ def test_paged_decode_attention(benchmark, copy_bandwidth, model, batch, context
     kv_bytes = 2 * batch * context * kvh * d * ES
     if kv_bytes > (16 << 30 if DEVICE.type == "cuda" else 2 << 30):
         pytest.skip("KV cache larger than this benchmark allows on this device")
-    fn = paged_decode_attention_triton if impl == "triton" else paged_decode_attention_reference
+    fn = kernel(paged_attention, "paged_decode_attention", impl)
     blocks_per_seq = context // PAGE
     num_blocks = batch * blocks_per_seq
 

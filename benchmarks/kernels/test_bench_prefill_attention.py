@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from kernel_bench import DEVICE, DTYPE, FULL, IMPLS, MODELS, run_benchmark
-from nreft_engine.kernels.prefill_attention import prefill_attention_reference, prefill_attention_triton
+from kernel_bench import DEVICE, DTYPE, FULL, IMPLS, MODELS, kernel, run_benchmark
+from nreft_engine.kernels import prefill_attention
 
 ES = torch.finfo(DTYPE).bits // 8
 # (prompts, prompt length): one long prompt, or a batch of shorter ones (lengths jittered around it)
@@ -16,7 +16,7 @@ SHAPES = [(1, 512), (1, 2048), (64, 512)] + ([(1, 8192), (8, 2048)] if FULL else
 def test_prefill_attention(benchmark, copy_bandwidth, model, prompts, length, impl):
     cfg = MODELS[model]
     h, kvh, d = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
-    fn = prefill_attention_triton if impl == "triton" else prefill_attention_reference
+    fn = kernel(prefill_attention, "prefill_attention", impl)
     gen = torch.Generator().manual_seed(0)
     lens = (
         [length]

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from kernel_bench import BATCHES, DEVICE, IMPLS, MODELS, run_benchmark
-from nreft_engine.kernels.sampler import sample_reference, sample_triton
+from kernel_bench import BATCHES, DEVICE, IMPLS, MODELS, kernel, run_benchmark
+from nreft_engine.kernels import sampler
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -11,7 +11,7 @@ from nreft_engine.kernels.sampler import sample_reference, sample_triton
 @pytest.mark.parametrize("model", list(MODELS))
 def test_sample(benchmark, copy_bandwidth, model, batch, impl):
     vocab = MODELS[model]["vocab"]
-    fn = sample_triton if impl == "triton" else sample_reference
+    fn = kernel(sampler, "sample", impl)
 
     def make():
         logits = 4 * torch.randn(
