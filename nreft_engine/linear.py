@@ -61,5 +61,6 @@ class FusedLinear:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """One output per source weight (column views of one fused output when prepacked)."""
         if self.prepack:
-            return ops.linear(x, self.weight, self.bias).split(self.splits, dim=-1)
+            y = ops.linear(x, self.weight, self.bias)
+            return y.split(self.splits, dim=-1) if len(self.splits) > 1 else (y,)
         return tuple(ops.linear(x, w, b) for w, b in zip(self.sources, self.biases))
