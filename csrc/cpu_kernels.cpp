@@ -82,7 +82,7 @@ struct LinearArgs {
   const float* bias;  // [out_features] or nullptr
   const void* w;      // [ceil(out_features / 16), in_features, 16]
   void* y;
-  int64_t rows, in_features, out_features, y_rs;
+  int64_t rows, in_features, out_features;  // y is [rows, out_features], contiguous
   bool bf16;
 };
 
@@ -189,6 +189,10 @@ bool row_view(const at::Tensor& t, int64_t* rows, int64_t* row_stride) {
 bool is_f32_or_bf16(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
 }
+
+// at::parallel_for's grain for items of `per_item` elements of work each: about 16K elements per task (at least
+// one item, also for empty items)
+int64_t grain_for(int64_t per_item) { return per_item >= 16384 ? 1 : 16384 / std::max<int64_t>(per_item, 1); }
 
 // t itself when its last dim is contiguous, else a contiguous copy
 at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
@@ -382,8 +386,7 @@ at::Tensor rms_norm_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, dou
   a.bf16 = x.scalar_type() == at::kBFloat16;
   a.w_bf16 = w.scalar_type() == at::kBFloat16;
   const Impl* impl = g_impl;
-  const int64_t grain = D >= 16384 ? 1 : 16384 / D;
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { impl->rms(a, begin, end); });
+  at::parallel_for(0, rows, grain_for(D), [&](int64_t begin, int64_t end) { impl->rms(a, begin, end); });
   if (copy_back) residual->copy_(res);
   return y;
 }
@@ -418,8 +421,7 @@ at::Tensor silu_and_mul_cpu(const at::Tensor& gate_in, const at::Tensor& up_in,
   a.o_rs = a.cols;
   a.bf16 = gate.scalar_type() == at::kBFloat16;
   const Impl* impl = g_impl;
-  const int64_t grain = a.cols >= 16384 ? 1 : 16384 / a.cols;
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { impl->silu(a, begin, end); });
+  at::parallel_for(0, rows, grain_for(a.cols), [&](int64_t begin, int64_t end) { impl->silu(a, begin, end); });
   return o;
 }
 
@@ -485,9 +487,7 @@ std::tuple<at::Tensor, at::Tensor> rope_write_kv_cpu(const at::Tensor& q_in, con
                    H, KVH, D,
                    q.scalar_type() == at::kBFloat16};
   const Impl* impl = g_impl;
-  const int64_t per_token = (H + 2 * KVH) * D;
-  const int64_t grain = per_token >= 16384 ? 1 : 16384 / per_token;
-  at::parallel_for(0, T, grain, [&](int64_t begin, int64_t end) { impl->rope(a, begin, end); });
+  at::parallel_for(0, T, grain_for((H + 2 * KVH) * D), [&](int64_t begin, int64_t end) { impl->rope(a, begin, end); });
   return {qo, ko};
 }
 
@@ -522,7 +522,7 @@ std::tuple<at::Tensor, at::Tensor> sample_cpu(const at::Tensor& logits_in, const
                      logits.scalar_type() == at::kBFloat16};
   const Impl* impl = g_impl;
   const int64_t scratch = (V + 15) / 16 * 16;  // whole vectors
-  at::parallel_for(0, B, V >= 16384 ? 1 : 16384 / V, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, grain_for(V), [&](int64_t begin, int64_t end) {
     std::vector<float> buf(scratch);
     impl->sample(a, begin, end, buf.data());
   });
@@ -567,14 +567,13 @@ at::Tensor linear_rows16_cpu(const at::Tensor& x_in, const at::Tensor& packed,
   std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
   shape.back() = N;
   at::Tensor y = at::empty(shape, x_in.options());
-  const int64_t rows = x_in.numel() / K;
+  const int64_t rows = c10::multiply_integers(x_in.sizes().slice(0, x_in.dim() - 1));
   if (rows == 0 || N == 0) return y;
   const at::Tensor x = x_in.reshape({rows, K}).to(at::kFloat).contiguous();
   const LinearArgs a{x.data_ptr<float>(), has_bias ? bias.data_ptr<float>() : nullptr, packed.data_ptr(),
-                     y.data_ptr(), rows, K, N, N, x_in.scalar_type() == at::kBFloat16};
+                     y.data_ptr(), rows, K, N, x_in.scalar_type() == at::kBFloat16};
   const Impl* impl = g_impl;
-  const int64_t blocks = packed.size(0), per_block = K * 16 * rows;
-  at::parallel_for(0, blocks, per_block >= 32768 ? 1 : 32768 / per_block,
+  at::parallel_for(0, packed.size(0), grain_for(K * 16 * rows),
                    [&](int64_t begin, int64_t end) { impl->linear(a, begin, end); });
   return y;
 }

@@ -487,6 +487,12 @@ def test_pack_rows16_puts_large_weights_on_their_own_2mib_aligned_memory():
         del packed
 
 
+def test_linear_rows16_of_a_zero_width_weight_is_the_bias():
+    packed = C.pack_rows16(torch.empty(4, 0))
+    bias = torch.arange(4.0)
+    assert torch.equal(C.linear_rows16_cpu(torch.empty(3, 0), packed, bias, 4), bias.expand(3, 4))
+
+
 def test_linear_rows16_rejects_mismatches():
     packed = C.pack_rows16(torch.randn(40, 64))
     with pytest.raises(ValueError, match="out_features 50"):

@@ -20,6 +20,7 @@ import time
 
 import pytest
 import torch
+from nreft_engine.kernels import cpu as cpu_kernels
 
 HAS_CUDA = torch.cuda.is_available()
 FULL = HAS_CUDA or os.environ.get("NREFT_BENCH_FULL") == "1"
@@ -60,9 +61,7 @@ def kernel(module, name: str, impl: str):
     """Kernel `name` of `module` as `impl`: its torch reference ("torch"), the C++ CPU kernel of
     kernels/cpu.py ("cpu"; skipped where the op has none) or the Triton kernel ("triton")."""
     if impl == "cpu":
-        from nreft_engine.kernels import cpu
-
-        fn = getattr(cpu, f"{name}_cpu", None)
+        fn = getattr(cpu_kernels, f"{name}_cpu", None)
         if fn is None:
             pytest.skip(f"{name} has no C++ CPU kernel: the engine's CPU path is its torch reference")
         return fn
