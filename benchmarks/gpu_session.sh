@@ -1,35 +1,77 @@
 #!/usr/bin/env bash
 # Issue 3's GPU checks in one device call: build the CUDA extension, run the kernel and CUDA tests on the
-# GPU (no interpreter), the kernel micro-benchmarks, and the rollout benchmark on a Qwen2.5-1.5B-shaped
-# random model (bf16, batch 64 and 1, skip 0 / 0.25 / 0.5, HF generate on the same GPU).
-# Logs and JSON go to $OUT; the summary is printed last. Usage: bash benchmarks/gpu_session.sh
+# GPU (no interpreter), the rollout benchmark on a Qwen2.5-1.5B-shaped random model (bf16, batch 64 and 1,
+# skip 0 / 0.25 / 0.5, HF generate on the same GPU), and the kernel micro-benchmarks. Each step has its own
+# time limit, so one that hangs or fails leaves the others their time. Logs and JSON are kept in
+# $OUT/logs.tgz (refreshed after every step: the device tool returns few files); the tables and a one-line
+# summary per step are printed last. Usage: bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-/tmp/nreft-gpu}
+LOGS=$(mktemp -d)
 mkdir -p "$OUT"
 PY=${PY:-python3}
-: > "$OUT/summary.txt"
+: > "$LOGS/summary.txt"
+export PYTHONUNBUFFERED=1
 
-step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, append one summary line
-  local name=$1 start=$SECONDS rc
-  shift
-  "$@" > "$OUT/$name.log" 2>&1
+step() {  # step NAME SECONDS COMMAND...: run under a time limit, log to $LOGS/NAME.log, append a summary line
+  local name=$1 limit=$2 start=$SECONDS rc
+  shift 2
+  timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
   rc=$?
-  echo "$name: rc=$rc, $((SECONDS - start)) s: $(tail -n 1 "$OUT/$name.log")" | tee -a "$OUT/summary.txt"
+  echo "$name: rc=$rc, $((SECONDS - start)) s: $(tail -n 1 "$LOGS/$name.log")" | tee -a "$LOGS/summary.txt"
+  tar czf "$OUT/logs.tgz" -C "$LOGS" .
   return $rc
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
-$PY -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" >> "$OUT/gpu.txt" 2>&1
-cat "$OUT/gpu.txt"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  $PY -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+} > "$LOGS/gpu.txt" 2>&1
+cat "$LOGS/gpu.txt"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-step build $PY -m pip install --no-build-isolation --no-deps -e . || { tail -n 40 "$OUT/build.log"; exit 1; }
+if ! step build 120 $PY -m pip install --no-build-isolation --no-deps -e .; then
+  tail -n 30 "$LOGS/build.log"
+  # keep the Triton checks: the C++ extension without its CUDA sources
+  NREFT_NO_CUDA=1 step build_cpu_only 120 $PY -m pip install --no-build-isolation --no-deps -e .
+fi
 export NREFT_TEST_DEVICE=cuda
-step tests $PY -m pytest -q -p no:cacheprovider tests/test_kernels_*.py tests/test_cuda.py tests/test_cache_ops.py \
-  tests/test_graphs.py
-step kernels $PY -m pytest -q -p no:cacheprovider benchmarks/kernels --benchmark-only \
-  --benchmark-json="$OUT/kernels.json"
-step rollout $PY benchmarks/rollout_throughput.py --device cuda --model random:qwen2.5-1.5b --dtypes bfloat16 \
-  --out "$OUT/rollout_gpu.json"
-grep -E "^(dtype|bfloat16) " "$OUT/rollout.log"
-grep -E "FAILED|Error" "$OUT/tests.log" | head -n 20
-cat "$OUT/summary.txt"
+step tests 130 $PY -m pytest -q -p no:cacheprovider -n 12 tests/test_kernels_*.py tests/test_cuda.py \
+  tests/test_cache_ops.py tests/test_graphs.py
+# Session 4 saw every test that makes _C raise (test_cache_ops' bad-argument cases) crash its worker with a
+# segfault there, in both a CUDA and a CPU-only build. The probe raises one error of each kind (a torch op's
+# own, a TORCH_CHECK in _C, a std::invalid_argument and a custom exception in _C) under cuda-gdb, which
+# prints the native stack of a crash.
+cat > "$LOGS/throw_probe.py" <<'PY'
+import torch
+from nreft_engine import _C
+cases = {
+    "torch op": lambda: torch.empty(4).view(3),
+    "_C TORCH_CHECK": lambda: _C.write_kv(torch.zeros(2), torch.zeros(2), torch.zeros(1, 1, 1, 2),
+                                          torch.zeros(1, 1, 1, 2), torch.zeros(2, dtype=torch.long)),
+    "_C std::invalid_argument": lambda: _C.BlockManager(-1, 16),
+    "_C UnknownSequence": lambda: _C.BlockManager(4, 16).free(123),
+}
+for name, call in cases.items():
+    try:
+        call()
+    except Exception as e:
+        print(f"{name}: raised {type(e).__name__}", flush=True)
+PY
+{ g++ --version | head -n 1; ldd nreft_engine/_C*.so | grep -E "gomp|stdc|gcc_s"; } > "$LOGS/toolchain.txt" 2>&1
+step throw_probe 60 cuda-gdb -q -batch -ex run -ex bt --args $PY "$LOGS/throw_probe.py"
+step rollout 150 $PY benchmarks/rollout_throughput.py --device cuda --model random:qwen2.5-1.5b \
+  --dtypes bfloat16 --out "$LOGS/rollout_gpu.json" ||
+  step rollout_eager 100 $PY benchmarks/rollout_throughput.py --device cuda --model random:qwen2.5-1.5b \
+    --dtypes bfloat16 --enforce-eager --out "$LOGS/rollout_gpu_eager.json"
+BENCH=(-q -p no:cacheprovider --benchmark-only --benchmark-max-time=0.05 --benchmark-min-rounds=3)
+step bench_paged 75 $PY -m pytest "${BENCH[@]}" benchmarks/kernels/test_bench_paged_attention.py \
+  --benchmark-json="$LOGS/bench_paged.json"
+step bench_other 75 $PY -m pytest "${BENCH[@]}" benchmarks/kernels/test_bench_elementwise.py \
+  benchmarks/kernels/test_bench_sampler.py benchmarks/kernels/test_bench_prefill_attention.py \
+  --benchmark-json="$LOGS/bench_other.json"
+
+grep -hE "kernel bandwidth|^\| (kernel|paged|rms|silu|rope|sample|prefill)" "$LOGS"/bench_*.log | grep -v "| cpu |"
+grep -hE "^(dtype|bfloat16) |graphs in" "$LOGS"/rollout*.log
+grep -hE "FAILED|^E .*Error" "$LOGS/tests.log" | sort | uniq -c | sort -rn | head -n 15
+grep -E "raised|SIGSEGV|^#[0-9]+ " "$LOGS/throw_probe.log" | head -n 25
+cat "$LOGS/summary.txt"

@@ -14,7 +14,7 @@ void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
 void copy_blocks(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& src_dst);
 
 #ifdef NREFT_WITH_CUDA
-// Device kernels (cache_ops.cu); arguments already checked. write_kv_cuda skips slots out of range
+// Device kernels (cache_ops_cuda.cu); arguments already checked. write_kv_cuda skips slots out of range
 // instead of raising (checking them would need a device sync every layer).
 void write_kv_cuda(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
                    at::Tensor& v_cache, const at::Tensor& slot_mapping);

@@ -213,7 +213,11 @@ def _paged_decode_attention_launch(
     scale: float,
     partition_size: int | None = None,
     block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
 ) -> torch.Tensor:
+    """The two launches behind `paged_decode_attention_triton`; split and tile sizes and the split kernel's
+    warps / pipeline stages can be forced (tests and tuning sweeps), else they are chosen from the shapes."""
     batch, heads, dim = q.shape
     _, page, kv_heads, _ = k_cache.shape
     assert heads % kv_heads == 0, "query heads must be a multiple of kv heads"
@@ -273,8 +277,8 @@ def _paged_decode_attention_launch(
         SINGLE_SPLIT=single,
         IEEE=q.dtype == torch.float32,
         UPCAST=not q.is_cuda and q.dtype != torch.float32,
-        num_warps=4,
-        num_stages=3,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if not single:
         s_pad = triton.next_power_of_2(n_splits)

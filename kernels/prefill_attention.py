@@ -195,7 +195,7 @@ def _prefill_attention_kernel(
         )
 
 
-def _prefill_attention_triton_kernel(
+def _prefill_attention_launch(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -263,4 +263,4 @@ def prefill_attention_triton(
         cu = cu_seqlens.to(torch.int32)
         max_len = int((cu[1:] - cu[:-1]).max())
         return _flash_varlen(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=True)
-    return _prefill_attention_triton_kernel(q, k, v, cu_seqlens, scale)
+    return _prefill_attention_launch(q, k, v, cu_seqlens, scale)

@@ -1,7 +1,7 @@
 """Shared fixtures. Triton runs in its CPU interpreter in tests (no GPU on CI).
 
 `NREFT_TEST_DEVICE=cuda` runs the same kernel tests on a GPU instead: no interpreter, and every
-`kernels/*_triton` function a test calls gets its inputs copied to the GPU (outputs and in-place updates
+`kernels/*_triton` (or `*_launch`) function a test calls gets its CPU inputs copied to the GPU (outputs and in-place updates
 copied back), so the tests written on CPU tensors check the compiled kernels.
 """
 
@@ -27,7 +27,7 @@ def _triton_kernels_on_test_device(monkeypatch):
 
     for module in (activation, paged_attention, prefill_attention, rms_norm, rope, sampler):
         for name in dir(module):
-            if name.endswith("_triton"):
+            if name.endswith(("_triton", "_launch")):  # public entries and tile-size-taking launchers
                 monkeypatch.setattr(module, name, run_on_device(getattr(module, name), TEST_DEVICE))
     yield
 

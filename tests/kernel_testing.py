@@ -32,10 +32,13 @@ def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -
 
 def run_on_device(fn: Callable, device: str) -> Callable:
     """`fn` run on copies of its CPU tensor arguments on `device`: in-place updates are copied back into
-    the arguments, an output that is an argument comes back as that argument, other outputs on the CPU."""
+    the arguments, an output that is an argument comes back as that argument, other outputs on the CPU.
+    Calls with no CPU tensor (an engine running on the device, a CUDA-graph capture) pass straight through."""
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
+        if not any(isinstance(x, torch.Tensor) and x.device.type == "cpu" for x in (*args, *kwargs.values())):
+            return fn(*args, **kwargs)  # already on the device (the engine's own calls): untouched
         pairs = []
 
         def to_device(x):

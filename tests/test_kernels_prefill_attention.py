@@ -37,5 +37,5 @@ def test_prefill_attention_tile_shapes_and_empty_prompt(block_m, block_n):
     q, k, v, cu, scale = _packed(torch.float32, 64, 4, [40, 0, 1, 130], kv_heads=1, seed=block_m)
     ref = mod.prefill_attention_reference(q, k, v, cu, scale)
     with poisoned_outputs(mod):
-        out = mod._prefill_attention_triton_kernel(q, k, v, cu, scale, block_m=block_m, block_n=block_n)
+        out = mod._prefill_attention_launch(q, k, v, cu, scale, block_m=block_m, block_n=block_n)
     assert_close_rel(out, ref, torch.float32)

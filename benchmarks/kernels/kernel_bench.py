@@ -7,9 +7,10 @@ input read once, each output written once), the achieved GB/s, the device's meas
 (a large device-to-device copy, bytes read + written, timed the same way) and their ratio.
 
 On a GPU the GB/s come from `triton.testing.do_bench` (CUDA events, median, inputs rotated so repeated
-runs do not just hit the L2 cache); pytest-benchmark's own wall-clock columns include a synchronize per
-call. On the CPU only the reference path runs (interpreted Triton timings mean nothing), over a reduced
-grid so the run takes a few minutes; NREFT_BENCH_FULL=1 asks for the full grid there too.
+runs do not just hit the L2 cache): the Triton kernels as CUDA-graph replays, the way the engine's
+captured decode step runs them, the torch references eagerly (they sync). pytest-benchmark's own
+wall-clock columns include a synchronize per call. On the CPU no Triton rows run (interpreted timings mean
+nothing), over a reduced grid so the run takes a minute; NREFT_BENCH_FULL=1 asks for the full grid there too.
 """
 
 from __future__ import annotations
@@ -84,6 +85,19 @@ def _median_seconds_cuda(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
 
 
+def _graph_replay(fn, input_sets):
+    """A callable replaying fn(*inputs) from CUDA graphs, one per input set in turn: how the engine runs
+    its kernels (a captured decode step), with no Python or launch overhead between them."""
+    graphs = []
+    for inputs in input_sets:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn(*inputs)
+        graphs.append(graph)
+    turn = iter(range(1 << 62))
+    return lambda: graphs[next(turn) % len(graphs)].replay()
+
+
 @pytest.fixture(scope="session")
 def copy_bandwidth() -> float:  # registered by conftest.py
     """The device's measured copy bandwidth in GB/s (bytes read + bytes written per second)."""
@@ -132,7 +146,11 @@ def run_benchmark(
         call()  # compile / warm up outside the timing
         torch.cuda.synchronize()
         benchmark(timed)
-        seconds = _median_seconds_cuda(call)
+        # Triton kernels take no host sync, so they are timed as graph replays; the torch references sync
+        # (context lengths read on the host) and are timed eagerly
+        graphed = info.get("impl") == "triton"
+        seconds = _median_seconds_cuda(_graph_replay(fn, rot.sets) if graphed else call)
+        info["timing"] = "graph" if graphed else "eager"
         info["device"] = torch.cuda.get_device_name(DEVICE)
         info["do_bench_median_us"] = round(seconds * 1e6, 2)
     else:
@@ -150,3 +168,23 @@ def run_benchmark(
     if flops is not None:
         info["achieved_tflops"] = round(flops / seconds / 1e12, 3)
     benchmark.extra_info.update(info)
+    SUMMARY.append({"name": benchmark.name.split("[")[0].removeprefix("test_"), "seconds": seconds, **info})
+
+
+SUMMARY: list[dict] = []  # one row per benchmark run, for the table printed at the end of the session
+
+
+def summary_table(rows: list[dict]) -> list[str]:
+    """Markdown table of the runs: kernel, shape, impl, median time, GB/s and fraction of copy bandwidth."""
+    shape_keys = ("model", "batch", "context", "prompts", "tokens", "partition", "block_n", "warps", "stages")
+    lines = [
+        "| kernel | shape | impl | timing | median us | GB/s | of copy BW |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        shape = " ".join(f"{k}={r[k]}" for k in shape_keys if k in r)
+        lines.append(
+            f"| {r['name']} | {shape} | {r['impl']} | {r.get('timing', 'wall')} | {r['seconds'] * 1e6:.1f} | {r['achieved_gbps']:.1f} "
+            f"| {100 * r['fraction_of_copy_bandwidth']:.1f}% |"
+        )
+    return lines

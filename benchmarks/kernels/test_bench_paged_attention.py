@@ -14,12 +14,49 @@ PAGE = 16
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("model", list(MODELS))
 def test_paged_decode_attention(benchmark, copy_bandwidth, model, batch, context, impl):
+    _bench(benchmark, copy_bandwidth, kernel(paged_attention, "paged_decode_attention", impl), model, batch,
+           context, impl=impl)
+
+
+# (tokens per split, tile, warps, pipeline stages). Session 4 on an H200: 128-512 x tiles 32/64 at 4 warps,
+# 3 stages all ran 52-58 us (57-64% of copy bandwidth), about 18 us over the bytes' time at every size, so
+# the next sweep tries fewer, longer splits (2048 = one split, no merge launch) and deeper pipelines.
+SWEEP = [
+    (512, 64, 4, 3),
+    (512, 64, 8, 3),
+    (512, 64, 4, 4),
+    (512, 128, 8, 3),
+    (1024, 64, 4, 3),
+    (1024, 64, 8, 4),
+    (1024, 128, 8, 3),
+    (2048, 64, 4, 3),
+    (2048, 64, 8, 4),
+    (2048, 128, 8, 3),
+    (256, 64, 4, 2),
+    (256, 64, 8, 4),
+]
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="a tuning sweep of the Triton kernel's launch parameters")
+@pytest.mark.parametrize("partition, block_n, warps, stages", SWEEP)
+def test_paged_decode_launch_sweep(benchmark, copy_bandwidth, partition, block_n, warps, stages):
+    """The acceptance shape (Qwen2.5-1.5B, batch 64 x context 2048) at fixed launch parameters."""
+
+    def fn(*args):
+        return paged_attention._paged_decode_attention_launch(
+            *args, partition_size=partition, block_n=block_n, num_warps=warps, num_stages=stages
+        )
+
+    _bench(benchmark, copy_bandwidth, fn, "qwen2.5-1.5b", 64, 2048, impl="triton", partition=partition,
+           block_n=block_n, warps=warps, stages=stages)
+
+
+def _bench(benchmark, copy_bandwidth, fn, model, batch, context, **info):
     cfg = MODELS[model]
     h, kvh, d = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
     kv_bytes = 2 * batch * context * kvh * d * ES
     if kv_bytes > (16 << 30 if DEVICE.type == "cuda" else 2 << 30):
         pytest.skip("KV cache larger than this benchmark allows on this device")
-    fn = kernel(paged_attention, "paged_decode_attention", impl)
     blocks_per_seq = context // PAGE
     num_blocks = batch * blocks_per_seq
 
@@ -42,5 +79,5 @@ def test_paged_decode_attention(benchmark, copy_bandwidth, model, batch, context
         model=model,
         batch=batch,
         context=context,
-        impl=impl,
+        **info,
     )

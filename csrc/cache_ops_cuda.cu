@@ -1,6 +1,6 @@
 // CUDA kernels behind write_kv / copy_blocks (checks and dispatch live in cache_ops.cpp).
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -48,7 +48,7 @@ void write_kv_cuda(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache
   const int64_t tokens = k.size(0);
   if (tokens == 0) return;
   const c10::cuda::CUDAGuard guard(k.device());
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "write_kv_cuda", [&] {
     write_kv_kernel<scalar_t><<<tokens, kThreads, 0, stream>>>(
@@ -61,7 +61,7 @@ void write_kv_cuda(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache
 
 void copy_blocks_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& src_dst) {
   const c10::cuda::CUDAGuard guard(k_cache.device());
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(src_dst.size(0)), static_cast<unsigned>(k_cache.size(0)));
   const int64_t block_numel = k_cache[0][0].numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k_cache.scalar_type(), "copy_blocks_cuda", [&] {
