@@ -246,15 +246,17 @@ class Engine:
                 last_token_index=(cu[1:] - 1).long(),
                 cu_seqlens=cu,
             )
-        seq_ids = [s.seq_id for s in batch.seqs]
-        width = -(-max(len(s) for s in batch.seqs) // self.block_size)
+        seqs = batch.seqs
+        lengths = [len(s) for s in seqs]
+        # one host-to-device copy for the four per-sequence vectors, one for the block tables
+        packed = as_tensor([[s.token_ids[-1] for s in seqs], [n - 1 for n in lengths], batch.slots, lengths])
         return StepInputs(
-            input_ids=as_tensor([s.token_ids[-1] for s in batch.seqs]),
-            positions=as_tensor([len(s) - 1 for s in batch.seqs]),
-            slot_mapping=as_tensor(batch.slots),
-            last_token_index=torch.arange(len(batch.seqs), device=device),
-            block_tables=cache.blocks.block_tables(seq_ids, width).to(device),
-            context_lens=as_tensor([len(s) for s in batch.seqs], torch.int32),
+            input_ids=packed[0],
+            positions=packed[1],
+            slot_mapping=packed[2],
+            last_token_index=torch.arange(len(seqs), device=device),
+            block_tables=cache.blocks.block_tables([s.seq_id for s in seqs], -(-max(lengths) // self.block_size)).to(device),
+            context_lens=packed[3].to(torch.int32),
         )
 
     @staticmethod

@@ -21,6 +21,8 @@ from nreft_engine.skip import LayerPlan
 
 logger = logging.getLogger(__name__)
 
+PADDING = (0, 0, -1, 1)  # a padding row: token 0 at position 0, writes no KV (slot -1), attends to 1 token
+
 
 def batch_buckets(max_batch: int) -> list[int]:
     """1, 2, 4, 8, then multiples of 16 up to `max_batch` (always included): at most 15 padding rows."""
@@ -43,11 +45,11 @@ class DecodeGraphs:
         self.buckets = batch_buckets(max_batch)
         self.max_blocks_per_seq = max_blocks_per_seq
         self.max_graphs = max_graphs
-        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((max_batch,), -1, dtype=torch.int64, device=device)
+        # the per-row inputs live in one buffer, so padding rows are set by one copy of PADDING's columns
+        self.padding = torch.tensor(PADDING, device=device)[:, None].expand(-1, max_batch).contiguous()
+        self.rows = self.padding.clone()
+        self.input_ids, self.positions, self.slot_mapping, self.context_lens = self.rows.unbind(0)
         self.block_tables = torch.zeros(max_batch, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self.context_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
         self.last_token_index = torch.arange(max_batch, device=device)
         self._graphs: OrderedDict[tuple, Callable[[], torch.Tensor]] = OrderedDict()
         self._pool = None
@@ -79,18 +81,15 @@ class DecodeGraphs:
         return replay()[:batch]
 
     def _load(self, inputs: StepInputs, batch: int, bucket: int) -> None:
-        """Copy a step's inputs into the static buffers; rows batch..bucket become padding."""
+        """Copy a step's inputs into the static buffers; rows batch..bucket become padding. Block-table
+        columns past a row's width keep older block ids: attention never reads past a context's length."""
         width = inputs.block_tables.shape[1]
         self.input_ids[:batch].copy_(inputs.input_ids)
         self.positions[:batch].copy_(inputs.positions)
         self.slot_mapping[:batch].copy_(inputs.slot_mapping)
         self.context_lens[:batch].copy_(inputs.context_lens)
+        self.rows[:, batch:bucket].copy_(self.padding[:, batch:bucket])
         self.block_tables[:batch, :width].copy_(inputs.block_tables)
-        self.block_tables[:batch, width:].zero_()
-        self.input_ids[batch:bucket].zero_()
-        self.positions[batch:bucket].zero_()
-        self.slot_mapping[batch:bucket].fill_(-1)
-        self.context_lens[batch:bucket].fill_(1)
         self.block_tables[batch:bucket].zero_()
 
     def _static_inputs(self, bucket: int) -> StepInputs:
@@ -100,7 +99,7 @@ class DecodeGraphs:
             slot_mapping=self.slot_mapping[:bucket],
             last_token_index=self.last_token_index[:bucket],
             block_tables=self.block_tables[:bucket],
-            context_lens=self.context_lens[:bucket],
+            context_lens=self.context_lens[:bucket].to(torch.int32),  # inside the graph: one small kernel
         )
 
     def _capture(self, bucket: int, plan: LayerPlan, cache: PagedKVCache) -> Callable[[], torch.Tensor]:

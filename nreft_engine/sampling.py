@@ -81,11 +81,18 @@ class Sampler:
         device = logits.device
         params = [s.params for s in seqs]
         logits = self._suppress_early_stops(logits, seqs)
-        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
-        top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device)
-        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
-        min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
-        uniform = torch.cat([torch.rand(1, generator=s.generator) for s in seqs]).to(device)
+        # one host-to-device copy for the per-row settings and draws (top_k is exact in fp32 below 2^24)
+        table = torch.tensor(
+            [
+                [p.temperature for p in params],
+                [p.top_k for p in params],
+                [p.top_p for p in params],
+                [p.min_p for p in params],
+                [s.next_uniform() for s in seqs],
+            ],
+            dtype=torch.float32,
+        ).to(device)
+        temperature, top_k, top_p, min_p, uniform = table[0], table[1].long(), table[2], table[3], table[4]
         tokens, logprobs = ops.sample(logits, temperature, top_k, top_p, min_p, uniform)
         tops: list[dict[int, float] | None] = [None] * len(seqs)
         wants_top = [i for i, p in enumerate(params) if p.logprobs]
@@ -100,7 +107,7 @@ class Sampler:
 
     def _suppress_early_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Mask EOS and stop tokens for sequences that have not reached min_tokens yet."""
-        early = [i for i, s in enumerate(seqs) if len(s.output_token_ids) < s.params.min_tokens]
+        early = [i for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
         if not early:
             return logits
         logits = logits.clone()

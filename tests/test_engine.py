@@ -9,6 +9,7 @@ from tiny_models import make_tiny_model
 from nreft_engine import Engine, LayerPlan, SamplingParams, SkipPolicy
 from nreft_engine.cache import PagedKVCache
 from nreft_engine.kernels.sampler import filter_logits
+from nreft_engine.scheduler import UNIFORM_CHUNK, Sequence
 
 PROMPTS = [[5, 9, 17, 33, 8], [3], list(range(10, 47)), [100, 101, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 9]]
 FAMILIES = ["llama", "qwen2", "qwen3", "llama3-rope", "llama-untied"]
@@ -106,6 +107,14 @@ def test_same_seed_same_output_and_samples_differ():
     second = engine.generate(PROMPTS, params)
     assert [[c.token_ids for c in o.outputs] for o in first] == [[c.token_ids for c in o.outputs] for o in second]
     assert len({tuple(c.token_ids) for c in first[0].outputs}) > 1
+
+
+def test_uniforms_drawn_in_chunks_are_the_one_at_a_time_stream():
+    """Sequences pre-draw their uniforms in chunks; the values must be the generator's plain stream."""
+    seq = Sequence(0, 0, 0, [1, 2], SamplingParams(), torch.Generator().manual_seed(11))
+    drawn = [seq.next_uniform() for _ in range(3 * UNIFORM_CHUNK + 5)]
+    generator = torch.Generator().manual_seed(11)
+    assert drawn == [torch.rand(1, generator=generator).item() for _ in range(len(drawn))]
 
 
 def test_prompt_prefilled_once_for_n_samples_and_blocks_return():
