@@ -119,9 +119,11 @@ def _sample_kernel(
     vocab,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
+    SEARCH_BLOCK: tl.constexpr,
     N_CAND: tl.constexpr,
 ):
-    """Keys are int32; candidate thresholds are computed in int64 (no overflow)."""
+    """Keys are int32; candidate thresholds are computed in int64 (no overflow). The threshold searches
+    compare every logit with N_CAND candidates, so they walk the row in narrower SEARCH_BLOCK tiles."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask = rows < n_rows
     row_ptr = logits_ptr + rows.to(tl.int64) * stride_row
@@ -131,6 +133,7 @@ def _sample_kernel(
     top_p = tl.load(topp_ptr + rows, mask=rmask, other=1.0).to(tl.float32)
     min_p = tl.load(minp_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     offs0 = tl.arange(0, BLOCK)
+    offs_s = tl.arange(0, SEARCH_BLOCK)
     cand_j = tl.arange(0, N_CAND).to(tl.int64)
     BIG: tl.constexpr = 2147483647
 
@@ -160,8 +163,8 @@ def _sample_kernel(
         cands64 = tl.minimum(lo[:, None] + (cand_j[None, :] + 1) * step[:, None], hi[:, None])
         cands = cands64.to(tl.int32)
         counts = tl.zeros([ROWS, N_CAND], tl.int32)
-        for start in range(0, vocab, BLOCK):
-            offs, mask, x, key = _tempered_tile(row_ptr, start + offs0, vocab, rmask, t)
+        for start in range(0, vocab, SEARCH_BLOCK):
+            offs, mask, x, key = _tempered_tile(row_ptr, start + offs_s, vocab, rmask, t)
             ge = (key[:, None, :] >= cands[:, :, None]) & mask[:, None, :]
             counts += tl.sum(ge.to(tl.int32), axis=2)
         sat = counts.to(tl.int64) >= top_k[:, None]
@@ -185,8 +188,8 @@ def _sample_kernel(
         cands64 = tl.minimum(lo[:, None] + cand_j[None, :] * step[:, None], hi[:, None])
         cands = cands64.to(tl.int32)
         mass = tl.zeros([ROWS, N_CAND], tl.float32)
-        for start in range(0, vocab, BLOCK):
-            offs, mask, x, key = _tempered_tile(row_ptr, start + offs0, vocab, rmask, t)
+        for start in range(0, vocab, SEARCH_BLOCK):
+            offs, mask, x, key = _tempered_tile(row_ptr, start + offs_s, vocab, rmask, t)
             w = tl.where(key >= thresh[:, None], tl.exp(x - m[:, None]), 0.0)
             mass += tl.sum(tl.where(key[:, None, :] > cands[:, :, None], w[:, None, :], 0.0), axis=2)
         sat = mass < limit[:, None]
@@ -251,11 +254,14 @@ def sample_triton(
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     if logits.is_cuda:
-        # a row per program, 16 candidate thresholds per pass of a search (~8 passes per search)
-        rows, block, n_cand, num_warps = 1, min(1024, triton.next_power_of_2(vocab)), 16, 8
+        # A row per program, so each pass over a row is a serial loop over its tiles: wide tiles for the
+        # plain passes (a 151936-token vocabulary in 38 steps, not 149), 1024 for the searches, whose
+        # [N_CAND, tile] comparisons would not fit in registers at 4096. 16 candidates: ~8 search passes.
+        rows, block, n_cand, num_warps = 1, min(4096, triton.next_power_of_2(vocab)), 16, 8
+        search_block = min(1024, block)
     else:
         # Triton's CPU interpreter: its cost is per op, so make each op big (~1M elements at most)
-        block = min(4096, triton.next_power_of_2(vocab))
+        block = search_block = min(4096, triton.next_power_of_2(vocab))
         rows = max(1, min(triton.next_power_of_2(batch), (1 << 16) // block))
         n_cand = max(16, min(256, (1 << 20) // (rows * block)))
         num_warps = 4
@@ -273,6 +279,7 @@ def sample_triton(
         vocab,
         ROWS=rows,
         BLOCK=block,
+        SEARCH_BLOCK=search_block,
         N_CAND=n_cand,
         num_warps=num_warps,
     )

@@ -176,7 +176,9 @@ SUMMARY: list[dict] = []  # one row per benchmark run, for the table printed at 
 
 def summary_table(rows: list[dict]) -> list[str]:
     """Markdown table of the runs: kernel, shape, impl, median time, GB/s and fraction of copy bandwidth."""
-    shape_keys = ("model", "batch", "context", "prompts", "tokens", "partition", "block_n", "warps", "stages")
+    shape_keys = (
+        "model", "batch", "context", "prompts", "tokens", "filters", "partition", "block_n", "warps", "stages"
+    )
     lines = [
         "| kernel | shape | impl | timing | median us | GB/s | of copy BW |",
         "|---|---|---|---|---|---|---|",
