@@ -37,6 +37,10 @@ fi
 export NREFT_TEST_DEVICE=cuda
 step tests 130 $PY -m pytest -q -p no:cacheprovider -n 12 tests/test_kernels_*.py tests/test_cuda.py \
   tests/test_cache_ops.py tests/test_graphs.py
+step rollout 150 $PY benchmarks/rollout_throughput.py --device cuda --model random:qwen2.5-1.5b \
+  --dtypes bfloat16 --compare-sync --out "$LOGS/rollout_gpu.json" ||
+  step rollout_eager 100 $PY benchmarks/rollout_throughput.py --device cuda --model random:qwen2.5-1.5b \
+    --dtypes bfloat16 --enforce-eager --out "$LOGS/rollout_gpu_eager.json"
 # Session 4 saw every test that makes _C raise (test_cache_ops' bad-argument cases) crash its worker with a
 # segfault there, in both a CUDA and a CPU-only build. The probe raises one error of each kind (a torch op's
 # own, a TORCH_CHECK in _C, a std::invalid_argument and a custom exception in _C) under cuda-gdb, which
@@ -59,19 +63,18 @@ for name, call in cases.items():
 PY
 { g++ --version | head -n 1; ldd nreft_engine/_C*.so | grep -E "gomp|stdc|gcc_s"; } > "$LOGS/toolchain.txt" 2>&1
 step throw_probe 60 cuda-gdb -q -batch -ex run -ex bt --args $PY "$LOGS/throw_probe.py"
-step rollout 150 $PY benchmarks/rollout_throughput.py --device cuda --model random:qwen2.5-1.5b \
-  --dtypes bfloat16 --out "$LOGS/rollout_gpu.json" ||
-  step rollout_eager 100 $PY benchmarks/rollout_throughput.py --device cuda --model random:qwen2.5-1.5b \
-    --dtypes bfloat16 --enforce-eager --out "$LOGS/rollout_gpu_eager.json"
 BENCH=(-q -p no:cacheprovider --benchmark-only --benchmark-max-time=0.05 --benchmark-min-rounds=3)
 step bench_paged 75 $PY -m pytest "${BENCH[@]}" benchmarks/kernels/test_bench_paged_attention.py \
   --benchmark-json="$LOGS/bench_paged.json"
-step bench_other 75 $PY -m pytest "${BENCH[@]}" benchmarks/kernels/test_bench_elementwise.py \
+# one decoder layer: what a decode step costs besides the layers (host work, lm head, sampler)
+step rollout_1layer 90 $PY benchmarks/rollout_throughput.py --device cuda --model random:qwen2.5-1.5b \
+  --dtypes bfloat16 --layers 1 --compare-sync --out "$LOGS/rollout_gpu_1layer.json"
+step bench_other 90 $PY -m pytest "${BENCH[@]}" benchmarks/kernels/test_bench_elementwise.py \
   benchmarks/kernels/test_bench_sampler.py benchmarks/kernels/test_bench_prefill_attention.py \
   --benchmark-json="$LOGS/bench_other.json"
 
 grep -hE "kernel bandwidth|^\| (kernel|paged|rms|silu|rope|sample|prefill)" "$LOGS"/bench_*.log | grep -v "| cpu |"
-grep -hE "^(dtype|bfloat16) |graphs in" "$LOGS"/rollout*.log
+grep -hE "^(dtype|bfloat16) " "$LOGS"/rollout*.log
 grep -hE "FAILED|^E .*Error" "$LOGS/tests.log" | sort | uniq -c | sort -rn | head -n 15
 grep -E "raised|SIGSEGV|^#[0-9]+ " "$LOGS/throw_probe.log" | head -n 25
 cat "$LOGS/summary.txt"

@@ -35,14 +35,16 @@ RANDOM_SHAPES = {
 }
 
 
-def load(name: str, dtype: torch.dtype, device: str):
-    """(model, tokenizer or None): `random:<shape>` builds random weights (no tokenizer)."""
+def load(name: str, dtype: torch.dtype, device: str, layers: int | None = None):
+    """(model, tokenizer or None): `random:<shape>` builds random weights (no tokenizer), with `layers`
+    decoder layers if given."""
     if name.startswith("random:"):
         shape = name.split(":", 1)[1]
         if shape not in RANDOM_SHAPES:
             raise SystemExit(f"unknown random shape {shape!r}; known: {', '.join(RANDOM_SHAPES)}")
         torch.manual_seed(0)
-        config = AutoConfig.for_model("qwen2", **RANDOM_SHAPES[shape])
+        overrides = {} if layers is None else {"num_hidden_layers": layers}
+        config = AutoConfig.for_model("qwen2", **{**RANDOM_SHAPES[shape], **overrides})
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
         return model, None
@@ -59,7 +61,8 @@ def workload(tokenizer, num_prompts: int, vocab_size: int) -> list[list[int]]:
 
 
 def run_case(
-    model, tokenizer, dtype_name: str, num_prompts: int, n: int, max_tokens: int, enforce_eager: bool = False
+    model, tokenizer, dtype_name: str, num_prompts: int, n: int, max_tokens: int, enforce_eager: bool = False,
+    compare_sync: bool = False,
 ) -> list[dict]:
     prompts = workload(tokenizer, num_prompts, model.config.vocab_size)
     engine = Engine(model, tokenizer, kv_cache_memory=1 << 30, enforce_eager=enforce_eager)
@@ -71,6 +74,10 @@ def run_case(
     rows = [{"system": "hf", **measure_hf(model, prompts, n, max_tokens, pad)}]
     for ratio in SKIP_RATIOS:
         rows.append({"system": f"engine skip {ratio}", **measure_engine(engine, prompts, n, max_tokens, ratio)})
+    if compare_sync and engine.async_scheduling:
+        engine.async_scheduling = False
+        for ratio in SKIP_RATIOS[:2]:
+            rows.append({"system": f"sync skip {ratio}", **measure_engine(engine, prompts, n, max_tokens, ratio)})
     for row in rows:
         row.update(dtype=dtype_name, sequences=num_prompts * n, max_tokens=max_tokens)
         graphs = f", {row['graph_captures']} graphs in {row['graph_capture_seconds']:.2f} s" if row.get("graph_captures") else ""
@@ -100,15 +107,19 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES),
                         help="64-sequence case in each; batch 1 in the first")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (the engine's own option)")
+    parser.add_argument("--compare-sync", action="store_true",
+                        help="also time skip 0 and 0.25 with async scheduling off ('sync' rows; GPU only)")
+    parser.add_argument("--layers", type=int, help="random:<shape> with this many layers (1: the per-step fixed cost)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "rollout_throughput.json"))
     args = parser.parse_args()
     max_tokens = 8 if args.quick else 128
     rows = []
     for i, dtype_name in enumerate(args.dtypes):
-        model, tokenizer = load(args.model, DTYPES[dtype_name], args.device)
-        rows += run_case(model, tokenizer, dtype_name, 16, 4, max_tokens, args.enforce_eager)
+        model, tokenizer = load(args.model, DTYPES[dtype_name], args.device, args.layers)
+        options = dict(enforce_eager=args.enforce_eager, compare_sync=args.compare_sync)
+        rows += run_case(model, tokenizer, dtype_name, 16, 4, max_tokens, **options)
         if i == 0:
-            rows += run_case(model, tokenizer, dtype_name, 1, 1, max_tokens, args.enforce_eager)
+            rows += run_case(model, tokenizer, dtype_name, 1, 1, max_tokens, **options)
         del model
     print_table(rows)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -16,9 +16,9 @@ from nreft_engine.models.loader import load_model, prepare_model
 from nreft_engine.models.weights import DecoderWeights, rope_tables
 from nreft_engine.outputs import CompletionOutput, GenerationStats, RequestOutput
 from nreft_engine.runner import ModelRunner, StepInputs
-from nreft_engine.sampling import Sampler, SamplingParams
+from nreft_engine.sampling import SampledStep, Sampler, SamplingParams
 from nreft_engine.scheduler import Batch, Scheduler, Sequence
-from nreft_engine.skip import SkipSpec, resolve_plan
+from nreft_engine.skip import LayerPlan, SkipSpec, resolve_plan
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ class Engine:
     reserves `kv_cache_memory` (bytes, or a fraction of the memory available now) once, and each call
     lays out as many blocks as fit for its active layers. On CUDA, decode steps whose contexts fit in
     `max_graph_context` tokens replay CUDA graphs (one per batch bucket and skip set) unless `enforce_eager`.
+    With `async_scheduling` (default: on CUDA) a decode step is launched before the previous step's tokens
+    reach the host, so the scheduling work overlaps the device's; the outputs are the same.
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class Engine:
         prepack_weights: bool | None = None,
         enforce_eager: bool = False,
         max_graph_context: int = 8192,
+        async_scheduling: bool | None = None,
     ):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -69,6 +72,7 @@ class Engine:
         budget = resolve_budget(kv_cache_memory, self.device)
         self._kv_buffer = torch.empty(budget // param.element_size(), dtype=self.dtype, device=self.device)
         self.use_cuda_graphs = self.device.type == "cuda" and not enforce_eager
+        self.async_scheduling = self.device.type == "cuda" if async_scheduling is None else async_scheduling
         self.max_graph_context = min(max_graph_context, self.max_model_len)
         self.runner: ModelRunner
         self.graphs: DecodeGraphs | None = None
@@ -146,22 +150,25 @@ class Engine:
         for group in groups:
             scheduler.add(group)
         bar = tqdm(total=sum(len(g) for g in groups), desc="generate", unit="seq", disable=not use_tqdm)
+        ahead: tuple[Batch, SampledStep] | None = None
         with torch.inference_mode():
-            while scheduler.has_work():
+            while scheduler.has_work() or ahead is not None:
                 start = time.perf_counter()
-                batch = scheduler.schedule()
-                running = len(scheduler.running)
-                cache.copy_blocks(batch.copies)
-                inputs = self._step_inputs(batch, cache)
-                if self.graphs is not None and self.graphs.fits(inputs):
-                    logits = self.graphs.run(inputs, plan, cache)
+                if ahead is None:
+                    batch = scheduler.schedule()
+                    sampled = self._launch(batch, plan, cache)
                 else:
-                    logits = self.runner.forward(inputs, plan, cache)
-                rows = logits[torch.tensor(batch.rows, device=logits.device)] if batch.prefill else logits
-                tokens, logprobs, tops = self.sampler(rows, batch.seqs)
-                finished = scheduler.postprocess(batch, tokens, logprobs, tops, self.eos_token_ids, self._decode)
-                elapsed = time.perf_counter() - start
-                self._account(stats, batch, elapsed, running)
+                    batch, sampled = ahead
+                running = len(scheduler.running)
+                # async scheduling: launch the next decode step, fed this step's tokens on the device,
+                # before this step's samples reach the host, so the host's work overlaps the device's
+                next_batch = scheduler.schedule_ahead(batch) if self.async_scheduling else None
+                ahead = None if next_batch is None else (next_batch, self._launch(next_batch, plan, cache, sampled))
+                tokens, logprobs, tops = sampled.to_host()
+                appended, finished = scheduler.postprocess(
+                    batch, tokens, logprobs, tops, self.eos_token_ids, self._decode
+                )
+                self._account(stats, batch, appended, time.perf_counter() - start, running)
                 bar.update(len(finished))
         bar.close()
         stats.num_preemptions = scheduler.num_preemptions
@@ -225,7 +232,30 @@ class Engine:
             self._next_seq_id += 1
         return group
 
+    def _launch(
+        self, batch: Batch, plan: LayerPlan, cache: PagedKVCache, previous: SampledStep | None = None
+    ) -> SampledStep:
+        """Run one step and start sampling from it, without waiting for the device. A step scheduled ahead
+        takes its input tokens from `previous`, the step before it, on the device."""
+        cache.copy_blocks(batch.copies)
+        inputs = self._step_inputs(batch, cache)
+        if batch.input_rows is not None:
+            rows = batch.input_rows
+            same = len(rows) == previous.tokens.shape[0]
+            inputs.input_ids = previous.tokens if same else previous.tokens[torch.tensor(rows, device=self.device)]
+        if self.graphs is not None and self.graphs.fits(inputs):
+            logits = self.graphs.run(inputs, plan, cache)
+        else:
+            logits = self.runner.forward(inputs, plan, cache)
+        rows = logits[torch.tensor(batch.rows, device=logits.device)] if batch.prefill else logits
+        sampled = self.sampler(rows, batch.seqs)
+        for seq in batch.seqs:
+            seq.num_pending += 1
+        return sampled
+
     def _step_inputs(self, batch: Batch, cache: PagedKVCache) -> StepInputs:
+        """A step's inputs. Positions count the sequence's pending tokens: a step scheduled ahead feeds the
+        token its previous step is still sampling (its id is filled in from the device by `_launch`)."""
         device = self.device
 
         def as_tensor(values, dtype=torch.int64):
@@ -247,7 +277,7 @@ class Engine:
                 cu_seqlens=cu,
             )
         seqs = batch.seqs
-        lengths = [len(s) for s in seqs]
+        lengths = [len(s) + s.num_pending for s in seqs]
         # one host-to-device copy for the four per-sequence vectors, one for the block tables
         packed = as_tensor([[s.token_ids[-1] for s in seqs], [n - 1 for n in lengths], batch.slots, lengths])
         return StepInputs(
@@ -260,14 +290,14 @@ class Engine:
         )
 
     @staticmethod
-    def _account(stats: GenerationStats, batch: Batch, elapsed: float, running: int) -> None:
-        stats.generated_tokens += len(batch.seqs)
+    def _account(stats: GenerationStats, batch: Batch, appended: int, elapsed: float, running: int) -> None:
+        stats.generated_tokens += appended
         stats.peak_running = max(stats.peak_running, running)
         if batch.prefill:
             stats.prefill_tokens += batch.num_tokens
             stats.prefill_seconds += elapsed
         else:
-            stats.decode_tokens += batch.num_tokens
+            stats.decode_tokens += appended
             stats.decode_seconds += elapsed
 
     def _decode(self, token_ids: list[int]) -> str:

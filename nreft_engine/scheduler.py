@@ -24,7 +24,8 @@ class Sequence:
     """One sample of one prompt: its tokens, behaviour log-probs, RNG stream and cache progress.
 
     The KV cache holds `num_cached` tokens; every token after them (the prompt at first, later the last
-    sampled token) is fed to the model in the sequence's next step.
+    sampled token) is fed to the model in the sequence's next step. `num_pending` counts the tokens
+    sampled by launched steps that the host has not appended yet (with async scheduling, up to two).
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class Sequence:
         self.logprobs: list[float] = []
         self.top_logprobs: list[dict[int, float]] = []
         self.num_cached = 0
+        self.num_pending = 0
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.text: str | None = None
@@ -85,6 +87,8 @@ class Batch:
     num_tokens: int
     slots: list[int] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)
+    # a step scheduled ahead: its input tokens are these rows of the previous step's samples, on the device
+    input_rows: list[int] | None = None
 
 
 class Scheduler:
@@ -171,6 +175,34 @@ class Scheduler:
             prefill=False, leads=scheduled, seqs=scheduled, rows=rows, num_tokens=len(scheduled), slots=slots, copies=copies
         )
 
+    def schedule_ahead(self, batch: Batch) -> Batch | None:
+        """The decode step after `batch`, scheduled before its samples reach the host (async scheduling):
+        every sequence of `batch` that cannot finish by length on its pending token, fed that token from
+        the device. None when it could change what the synchronous scheduler does next: a prompt is
+        waiting, or a sequence could run short of blocks. A sequence that then samples a stop token
+        has its ahead row computed and discarded."""
+        if self.waiting or batch.prefill or self.blocks.num_free_blocks < len(batch.seqs):
+            return None
+        rows = [
+            i
+            for i, seq in enumerate(batch.seqs)
+            if seq.status is SequenceStatus.RUNNING
+            and seq.num_output_tokens + seq.num_pending < seq.params.max_tokens
+            and len(seq) + seq.num_pending < self.max_model_len
+        ]
+        if not rows:
+            return None
+        seqs = [batch.seqs[i] for i in rows]
+        slots, copies = [], []
+        for seq in seqs:
+            slot, seq_copies = self.blocks.append_slot(seq.seq_id)
+            slots.append(slot)
+            copies.extend(seq_copies)
+        return Batch(
+            prefill=False, leads=seqs, seqs=seqs, rows=list(range(len(seqs))), num_tokens=len(seqs), slots=slots,
+            copies=copies, input_rows=rows,
+        )
+
     def _preempt(self, seq: Sequence) -> None:
         """Free a sequence's blocks and requeue it first; it is recomputed from its tokens later."""
         self.blocks.free(seq.seq_id)
@@ -188,10 +220,17 @@ class Scheduler:
         tops: list[dict[int, float] | None],
         eos_token_ids: tuple[int, ...],
         detokenize,
-    ) -> list[Sequence]:
-        """Append each sampled token, finish sequences that stop, free their blocks; return the finished."""
+    ) -> tuple[int, list[Sequence]]:
+        """Append each sampled token, finish sequences that stop, free their blocks; return how many tokens
+        were appended and the sequences that finished. Rows of sequences that finished while this step
+        was in flight (it was scheduled ahead) are discarded."""
         finished = []
+        appended = 0
         for seq, token, logprob, top in zip(batch.seqs, tokens, logprobs, tops):
+            if seq.status is SequenceStatus.FINISHED:
+                continue
+            seq.num_pending -= 1
+            appended += 1
             seq.num_cached = len(seq)
             seq.token_ids.append(token)
             seq.logprobs.append(logprob)
@@ -204,7 +243,7 @@ class Scheduler:
                 self.blocks.free(seq.seq_id)
                 self.running.remove(seq)
                 finished.append(seq)
-        return finished
+        return appended, finished
 
     def _finish_reason(self, seq: Sequence, token: int, eos_token_ids: tuple[int, ...], detokenize) -> str | None:
         p = seq.params

@@ -9,7 +9,7 @@ from tiny_models import make_tiny_model
 from nreft_engine import Engine, LayerPlan, SamplingParams, SkipPolicy
 from nreft_engine.cache import PagedKVCache
 from nreft_engine.kernels.sampler import filter_logits
-from nreft_engine.scheduler import UNIFORM_CHUNK, Sequence
+from nreft_engine.scheduler import UNIFORM_CHUNK, Scheduler, Sequence
 
 PROMPTS = [[5, 9, 17, 33, 8], [3], list(range(10, 47)), [100, 101, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 9]]
 FAMILIES = ["llama", "qwen2", "qwen3", "llama3-rope", "llama-untied"]
@@ -159,6 +159,47 @@ def test_preemption_keeps_outputs_identical():
         for ca, cb in zip(a.outputs, b.outputs):
             assert ca.token_ids == cb.token_ids
             assert torch.allclose(torch.tensor(ca.logprobs), torch.tensor(cb.logprobs), atol=1e-4)
+
+
+def _completions(outputs):
+    return [
+        (c.token_ids, c.logprobs, c.finish_reason, c.top_logprobs) for out in outputs for c in out.outputs
+    ]
+
+
+@pytest.mark.parametrize("skip", [None, [1, 2]])
+def test_async_scheduling_gives_the_same_outputs(skip):
+    """Steps launched before the previous step's tokens reach the host (the CUDA default) give the same
+    completions: stop tokens mid-flight (their ahead rows discarded), length limits, min_tokens, top-N
+    log-probs, forked samples. At most 8 rows per decode step keep the CPU matmuls batch-invariant."""
+    model = make_tiny_model("llama", vocab_size=64)
+    params = [
+        SamplingParams(n=3, temperature=1.0, max_tokens=25, seed=1, stop_token_ids=[3, 4, 5, 6]),
+        SamplingParams(n=2, temperature=0.8, top_k=20, max_tokens=9, seed=2, min_tokens=4, stop_token_ids=[3, 4],
+                       logprobs=2),
+        SamplingParams(n=1, temperature=0, max_tokens=17, seed=3),
+    ]
+    prompts = PROMPTS[:3]
+    sync_engine = Engine(model, kv_cache_memory=1 << 22, async_scheduling=False)
+    async_engine = Engine(model, kv_cache_memory=1 << 22, async_scheduling=True)
+    ahead = []
+    schedule_ahead = Scheduler.schedule_ahead
+
+    def counting(self, batch):
+        ahead.append(schedule_ahead(self, batch))
+        return ahead[-1]
+
+    Scheduler.schedule_ahead = counting
+    try:
+        expected = sync_engine.generate(prompts, params, skip=skip)
+        got = async_engine.generate(prompts, params, skip=skip)
+    finally:
+        Scheduler.schedule_ahead = schedule_ahead
+    assert _completions(got) == _completions(expected)
+    assert any(c[2] == "stop" for c in _completions(got)) and any(c[2] == "length" for c in _completions(got))
+    assert sum(b is not None for b in ahead) > 10  # the async engine did run ahead
+    assert async_engine.last_stats.generated_tokens == sync_engine.last_stats.generated_tokens
+    assert async_engine.last_stats.used_blocks_at_end == 0
 
 
 def test_skip_policy_draws_per_call_and_respects_protection():

@@ -44,11 +44,12 @@ def test_batch_buckets():
     assert batch_buckets(40) == [1, 2, 4, 8, 16, 32, 40]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_replayed_steps_equal_eager_steps(family):
+@pytest.mark.parametrize("family, async_scheduling", [("llama", False), ("qwen3", False), ("llama", True)])
+def test_replayed_steps_equal_eager_steps(family, async_scheduling):
+    """With async scheduling (the CUDA default) a replay also takes its input tokens from the device."""
     model = make_tiny_model(family)
     eager = Engine(model, kv_cache_memory=1 << 22)
-    graphed = Engine(model, kv_cache_memory=1 << 22)
+    graphed = Engine(model, kv_cache_memory=1 << 22, async_scheduling=async_scheduling)
     graphs = with_graphs(graphed, max_graph_context=256)
     for skip in (None, [1], [1, 2], None):
         assert _generate(graphed, skip) == _generate(eager, skip)
