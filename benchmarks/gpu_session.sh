@@ -62,7 +62,11 @@ for name, call in cases.items():
         print(f"{name}: raised {type(e).__name__}", flush=True)
 PY
 { g++ --version | head -n 1; ldd nreft_engine/_C*.so | grep -E "gomp|stdc|gcc_s"; } > "$LOGS/toolchain.txt" 2>&1
-step throw_probe 60 cuda-gdb -q -batch -ex run -ex bt --args $PY "$LOGS/throw_probe.py"
+if command -v cuda-gdb > /dev/null; then
+  step throw_probe 60 cuda-gdb -q -batch -ex run -ex bt --args $PY "$LOGS/throw_probe.py"
+else
+  step throw_probe 60 $PY -X faulthandler "$LOGS/throw_probe.py"
+fi
 BENCH=(-q -p no:cacheprovider --benchmark-only --benchmark-max-time=0.05 --benchmark-min-rounds=3)
 step bench_paged 75 $PY -m pytest "${BENCH[@]}" benchmarks/kernels/test_bench_paged_attention.py \
   --benchmark-json="$LOGS/bench_paged.json"
