@@ -62,6 +62,8 @@ for name, call in cases.items():
         print(f"{name}: raised {type(e).__name__}", flush=True)
 PY
 { g++ --version | head -n 1; ldd nreft_engine/_C*.so | grep -E "gomp|stdc|gcc_s"; } > "$LOGS/toolchain.txt" 2>&1
+# the crashing tests again in one plain process (no xdist workers), to tell the two settings apart
+step cache_ops_plain 60 $PY -X faulthandler -m pytest -q -p no:cacheprovider -p no:xdist tests/test_cache_ops.py
 if command -v cuda-gdb > /dev/null; then
   step throw_probe 60 cuda-gdb -q -batch -ex run -ex bt --args $PY "$LOGS/throw_probe.py"
 else
