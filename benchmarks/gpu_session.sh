@@ -38,7 +38,7 @@ export NREFT_TEST_DEVICE=cuda
 step tests 130 $PY -m pytest -q -p no:cacheprovider -n 12 tests/test_kernels_*.py tests/test_cuda.py \
   tests/test_cache_ops.py tests/test_graphs.py
 step rollout 150 $PY benchmarks/rollout_throughput.py --device cuda --model random:qwen2.5-1.5b \
-  --dtypes bfloat16 --compare-sync --out "$LOGS/rollout_gpu.json" ||
+  --dtypes bfloat16 --variants sync prepacked --out "$LOGS/rollout_gpu.json" ||
   step rollout_eager 100 $PY benchmarks/rollout_throughput.py --device cuda --model random:qwen2.5-1.5b \
     --dtypes bfloat16 --enforce-eager --out "$LOGS/rollout_gpu_eager.json"
 # Session 4 saw every test that makes _C raise (test_cache_ops' bad-argument cases) crash its worker with a
@@ -74,7 +74,7 @@ step bench_paged 75 $PY -m pytest "${BENCH[@]}" benchmarks/kernels/test_bench_pa
   --benchmark-json="$LOGS/bench_paged.json"
 # one decoder layer: what a decode step costs besides the layers (host work, lm head, sampler)
 step rollout_1layer 90 $PY benchmarks/rollout_throughput.py --device cuda --model random:qwen2.5-1.5b \
-  --dtypes bfloat16 --layers 1 --compare-sync --out "$LOGS/rollout_gpu_1layer.json"
+  --dtypes bfloat16 --layers 1 --variants sync --out "$LOGS/rollout_gpu_1layer.json"
 step bench_other 90 $PY -m pytest "${BENCH[@]}" benchmarks/kernels/test_bench_elementwise.py \
   benchmarks/kernels/test_bench_sampler.py benchmarks/kernels/test_bench_prefill_attention.py \
   --benchmark-json="$LOGS/bench_other.json"

@@ -60,24 +60,35 @@ def workload(tokenizer, num_prompts: int, vocab_size: int) -> list[list[int]]:
     return [torch.randint(0, vocab_size, (33 + (7 * i) % 23,), generator=gen).tolist() for i in range(num_prompts)]
 
 
+# engine variants timed beside the default one (skip 0 and 0.25): label -> Engine options
+VARIANTS = {"sync": {"async_scheduling": False}, "prepacked": {"prepack_weights": True}}
+
+
 def run_case(
     model, tokenizer, dtype_name: str, num_prompts: int, n: int, max_tokens: int, enforce_eager: bool = False,
-    compare_sync: bool = False,
+    variants: tuple[str, ...] = (),
 ) -> list[dict]:
     prompts = workload(tokenizer, num_prompts, model.config.vocab_size)
-    engine = Engine(model, tokenizer, kv_cache_memory=1 << 30, enforce_eager=enforce_eager)
     pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
-    # warm-up of both systems on the measured shapes, so neither pays one-time costs in its timing (Triton
-    # and cuBLAS kernel selection, the CUDA context's first use); new skip sets still capture their graphs
-    measure_engine(engine, prompts, n, max_tokens=8, skip_ratio=0.0)
+
+    def warm_engine(**options) -> Engine:
+        # warm-up on the measured shapes, so no system pays one-time costs in its timing (Triton and cuBLAS
+        # kernel selection, the CUDA context's first use); new skip sets still capture their graphs
+        engine = Engine(model, tokenizer, kv_cache_memory=1 << 30, enforce_eager=enforce_eager, **options)
+        measure_engine(engine, prompts, n, max_tokens=8, skip_ratio=0.0)
+        return engine
+
+    engine = warm_engine()
     measure_hf(model, prompts, n, 8, pad)
     rows = [{"system": "hf", **measure_hf(model, prompts, n, max_tokens, pad)}]
     for ratio in SKIP_RATIOS:
         rows.append({"system": f"engine skip {ratio}", **measure_engine(engine, prompts, n, max_tokens, ratio)})
-    if compare_sync and engine.async_scheduling:
-        engine.async_scheduling = False
+    del engine
+    for label in variants:
+        engine = warm_engine(**VARIANTS[label])
         for ratio in SKIP_RATIOS[:2]:
-            rows.append({"system": f"sync skip {ratio}", **measure_engine(engine, prompts, n, max_tokens, ratio)})
+            rows.append({"system": f"{label} skip {ratio}", **measure_engine(engine, prompts, n, max_tokens, ratio)})
+        del engine
     for row in rows:
         row.update(dtype=dtype_name, sequences=num_prompts * n, max_tokens=max_tokens)
         graphs = f", {row['graph_captures']} graphs in {row['graph_capture_seconds']:.2f} s" if row.get("graph_captures") else ""
@@ -107,8 +118,9 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES),
                         help="64-sequence case in each; batch 1 in the first")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (the engine's own option)")
-    parser.add_argument("--compare-sync", action="store_true",
-                        help="also time skip 0 and 0.25 with async scheduling off ('sync' rows; GPU only)")
+    parser.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS),
+                        help="also time skip 0 and 0.25 with async scheduling off ('sync') or with q/k/v and "
+                        "gate/up weights fused into copies ('prepacked'; the CPU default where memory allows)")
     parser.add_argument("--layers", type=int, help="random:<shape> with this many layers (1: the per-step fixed cost)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "rollout_throughput.json"))
     args = parser.parse_args()
@@ -116,7 +128,7 @@ def main() -> None:
     rows = []
     for i, dtype_name in enumerate(args.dtypes):
         model, tokenizer = load(args.model, DTYPES[dtype_name], args.device, args.layers)
-        options = dict(enforce_eager=args.enforce_eager, compare_sync=args.compare_sync)
+        options = dict(enforce_eager=args.enforce_eager, variants=tuple(args.variants))
         rows += run_case(model, tokenizer, dtype_name, 16, 4, max_tokens, **options)
         if i == 0:
             rows += run_case(model, tokenizer, dtype_name, 1, 1, max_tokens, **options)
