@@ -47,8 +47,8 @@ class DecodeGraphs:
         self.max_graphs = max_graphs
         # the per-row inputs live in one buffer, so padding rows are set by one copy of PADDING's columns
         self.padding = torch.tensor(PADDING, device=device)[:, None].expand(-1, max_batch).contiguous()
-        self.rows = self.padding.clone()
-        self.input_ids, self.positions, self.slot_mapping, self.context_lens = self.rows.unbind(0)
+        self.row_inputs = self.padding.clone()
+        self.input_ids, self.positions, self.slot_mapping, self.context_lens = self.row_inputs.unbind(0)
         self.block_tables = torch.zeros(max_batch, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.last_token_index = torch.arange(max_batch, device=device)
         self._graphs: OrderedDict[tuple, Callable[[], torch.Tensor]] = OrderedDict()
@@ -81,15 +81,15 @@ class DecodeGraphs:
         return replay()[:batch]
 
     def _load(self, inputs: StepInputs, batch: int, bucket: int) -> None:
-        """Copy a step's inputs into the static buffers; rows batch..bucket become padding. Block-table
-        columns past a row's width keep older block ids: attention never reads past a context's length."""
+        """Copy a step's inputs into the static buffers; rows batch..bucket become padding."""
         width = inputs.block_tables.shape[1]
         self.input_ids[:batch].copy_(inputs.input_ids)
         self.positions[:batch].copy_(inputs.positions)
         self.slot_mapping[:batch].copy_(inputs.slot_mapping)
         self.context_lens[:batch].copy_(inputs.context_lens)
-        self.rows[:, batch:bucket].copy_(self.padding[:, batch:bucket])
+        self.row_inputs[:, batch:bucket].copy_(self.padding[:, batch:bucket])
         self.block_tables[:batch, :width].copy_(inputs.block_tables)
+        self.block_tables[:batch, width:].zero_()
         self.block_tables[batch:bucket].zero_()
 
     def _static_inputs(self, bucket: int) -> StepInputs:
