@@ -40,7 +40,7 @@ step tests 130 $PY -m pytest -q -p no:cacheprovider -n 12 tests/test_kernels_*.p
 step rollout 150 $PY benchmarks/rollout_throughput.py --device cuda --model random:qwen2.5-1.5b \
   --dtypes bfloat16 --variants sync prepacked --out "$LOGS/rollout_gpu.json" ||
   step rollout_eager 100 $PY benchmarks/rollout_throughput.py --device cuda --model random:qwen2.5-1.5b \
-    --dtypes bfloat16 --enforce-eager --out "$LOGS/rollout_gpu_eager.json"
+    --dtypes bfloat16 --enforce-eager --no-async --out "$LOGS/rollout_gpu_eager.json"
 # Session 4 saw every test that makes _C raise (test_cache_ops' bad-argument cases) crash its worker with a
 # segfault there, in both a CUDA and a CPU-only build. The probe raises one error of each kind (a torch op's
 # own, a TORCH_CHECK in _C, a std::invalid_argument and a custom exception in _C) under cuda-gdb, which

@@ -65,8 +65,8 @@ VARIANTS = {"sync": {"async_scheduling": False}, "prepacked": {"prepack_weights"
 
 
 def run_case(
-    model, tokenizer, dtype_name: str, num_prompts: int, n: int, max_tokens: int, enforce_eager: bool = False,
-    variants: tuple[str, ...] = (),
+    model, tokenizer, dtype_name: str, num_prompts: int, n: int, max_tokens: int, variants: tuple[str, ...] = (),
+    **engine_options,
 ) -> list[dict]:
     prompts = workload(tokenizer, num_prompts, model.config.vocab_size)
     pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
@@ -74,7 +74,7 @@ def run_case(
     def warm_engine(**options) -> Engine:
         # warm-up on the measured shapes, so no system pays one-time costs in its timing (Triton and cuBLAS
         # kernel selection, the CUDA context's first use); new skip sets still capture their graphs
-        engine = Engine(model, tokenizer, kv_cache_memory=1 << 30, enforce_eager=enforce_eager, **options)
+        engine = Engine(model, tokenizer, kv_cache_memory=1 << 30, **{**engine_options, **options})
         measure_engine(engine, prompts, n, max_tokens=8, skip_ratio=0.0)
         return engine
 
@@ -118,6 +118,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES),
                         help="64-sequence case in each; batch 1 in the first")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (the engine's own option)")
+    parser.add_argument("--no-async", action="store_true", help="no async scheduling (the engine's own option)")
     parser.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS),
                         help="also time skip 0 and 0.25 with async scheduling off ('sync') or with q/k/v and "
                         "gate/up weights fused into copies ('prepacked'; the CPU default where memory allows)")
@@ -128,7 +129,9 @@ def main() -> None:
     rows = []
     for i, dtype_name in enumerate(args.dtypes):
         model, tokenizer = load(args.model, DTYPES[dtype_name], args.device, args.layers)
-        options = dict(enforce_eager=args.enforce_eager, variants=tuple(args.variants))
+        options = dict(variants=tuple(args.variants), enforce_eager=args.enforce_eager)
+        if args.no_async:
+            options["async_scheduling"] = False
         rows += run_case(model, tokenizer, dtype_name, 16, 4, max_tokens, **options)
         if i == 0:
             rows += run_case(model, tokenizer, dtype_name, 1, 1, max_tokens, **options)
