@@ -79,7 +79,7 @@ step bench_other 90 $PY -m pytest "${BENCH[@]}" benchmarks/kernels/test_bench_el
   benchmarks/kernels/test_bench_sampler.py benchmarks/kernels/test_bench_prefill_attention.py \
   --benchmark-json="$LOGS/bench_other.json"
 
-grep -hE "kernel bandwidth|^\| (kernel|paged|rms|silu|rope|sample|prefill)" "$LOGS"/bench_*.log | grep -v "| cpu |"
+grep -hE "kernel bandwidth|^\| kernel |\| triton \|" "$LOGS"/bench_*.log  # the torch rows are in the logs
 grep -hE "^(dtype|bfloat16) " "$LOGS"/rollout*.log
 grep -hE "FAILED|^E .*Error" "$LOGS/tests.log" | sort | uniq -c | sort -rn | head -n 15
 grep -E "raised|SIGSEGV|^#[0-9]+ " "$LOGS/throw_probe.log" | head -n 25
