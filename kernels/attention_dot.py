@@ -1,4 +1,4 @@
-"""The tile matmul shared by the Triton attention kernels, and the exp2 scale they use."""
+"""What the Triton attention kernels share: the tile matmul, the online-softmax step, the exp2 scale."""
 
 import triton
 import triton.language as tl
@@ -17,3 +17,15 @@ def attention_dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     else:
         r = tl.dot(a, b)
     return r
+
+
+@triton.jit
+def online_softmax_step(s, v, m_i, l_i, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """One key tile of online softmax in base 2: scores s [M, N] (masked keys at -inf) and values v [N, D]
+    update the running max m_i [M], normaliser l_i [M] and unnormalised output acc [M, D]."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + attention_dot(p.to(v.dtype), v, IEEE, UPCAST)
+    return m_new, l_i, acc

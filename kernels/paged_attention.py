@@ -36,7 +36,7 @@ def paged_decode_attention_reference(
 import triton
 import triton.language as tl
 
-from nreft_engine.kernels.attention_dot import LOG2E, attention_dot
+from nreft_engine.kernels.attention_dot import LOG2E, attention_dot, online_softmax_step
 
 
 @triton.jit
@@ -122,13 +122,7 @@ def _paged_decode_split_kernel(
             )
             s = attention_dot(q, tl.trans(k), IEEE, UPCAST)
             s = tl.where(tmask[None, :], s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            pv = attention_dot(p.to(v.dtype), v, IEEE, UPCAST)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, IEEE, UPCAST)
         out = acc / l_i[:, None]
         omask = gmask[:, None] & dmask[None, :]
         if SINGLE_SPLIT:

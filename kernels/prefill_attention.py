@@ -36,7 +36,7 @@ try:  # optional extra: `pip install nreft-engine[flash]`
 except Exception:  # noqa: BLE001 - any import failure means "not available"
     _flash_varlen = None
 
-from nreft_engine.kernels.attention_dot import LOG2E, attention_dot
+from nreft_engine.kernels.attention_dot import LOG2E, attention_dot, online_softmax_step
 
 
 @triton.jit
@@ -74,13 +74,7 @@ def _attend_tile(
         if MASKED:
             keep = (kpos[None, :] <= q_pos[:, None]) & kmask[None, :]
             s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        pv = attention_dot(p.to(v.dtype), v, IEEE, UPCAST)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, IEEE, UPCAST)
     return m_i, l_i, acc
 
 
