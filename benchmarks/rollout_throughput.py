@@ -129,7 +129,7 @@ def main() -> None:
     rows = []
     for i, dtype_name in enumerate(args.dtypes):
         model, tokenizer = load(args.model, DTYPES[dtype_name], args.device, args.layers)
-        options = dict(variants=tuple(args.variants), enforce_eager=args.enforce_eager)
+        options = {"variants": tuple(args.variants), "enforce_eager": args.enforce_eager}
         if args.no_async:
             options["async_scheduling"] = False
         rows += run_case(model, tokenizer, dtype_name, 16, 4, max_tokens, **options)

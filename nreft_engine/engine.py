@@ -240,9 +240,10 @@ class Engine:
         cache.copy_blocks(batch.copies)
         inputs = self._step_inputs(batch, cache)
         if batch.input_rows is not None:
-            rows = batch.input_rows
-            same = len(rows) == previous.tokens.shape[0]
-            inputs.input_ids = previous.tokens if same else previous.tokens[torch.tensor(rows, device=self.device)]
+            tokens = previous.tokens
+            if len(batch.input_rows) < tokens.shape[0]:  # some sequences finish by length: their rows drop out
+                tokens = tokens[torch.tensor(batch.input_rows, device=self.device)]
+            inputs.input_ids = tokens
         if self.graphs is not None and self.graphs.fits(inputs):
             logits = self.graphs.run(inputs, plan, cache)
         else:

@@ -68,7 +68,9 @@ class SampledStep:
     """One step's samples: the tokens stay on the device (a next step can take them as its inputs before
     the host has seen them) while their copy to the host is in flight."""
 
-    def __init__(self, tokens: torch.Tensor, logprobs: torch.Tensor, tops: list[tuple[int, torch.Tensor, torch.Tensor]]):
+    def __init__(
+        self, tokens: torch.Tensor, logprobs: torch.Tensor, tops: list[tuple[int, torch.Tensor, torch.Tensor]]
+    ):
         self.tokens = tokens
         self._host = [t.to("cpu", non_blocking=True) for t in (tokens, logprobs)]
         self._host_tops = [(i, v.to("cpu", non_blocking=True), k.to("cpu", non_blocking=True)) for i, v, k in tops]

@@ -90,6 +90,16 @@ class Batch:
     # a step scheduled ahead: its input tokens are these rows of the previous step's samples, on the device
     input_rows: list[int] | None = None
 
+    @classmethod
+    def decode(
+        cls, seqs: list[Sequence], slots: list[int], copies: list[tuple[int, int]], input_rows: list[int] | None = None
+    ) -> Batch:
+        """A one-token step of `seqs`, row i sampling for seqs[i]."""
+        return cls(
+            prefill=False, leads=seqs, seqs=seqs, rows=list(range(len(seqs))), num_tokens=len(seqs), slots=slots,
+            copies=copies, input_rows=input_rows,
+        )
+
 
 class Scheduler:
     """Moves sequences waiting → running → finished over a shared block manager (nano-vllm style)."""
@@ -170,10 +180,7 @@ class Scheduler:
                 "the KV cache cannot hold even one running sequence; raise kv_cache_memory or lower max_tokens"
             )
         self.running = list(scheduled)
-        rows = list(range(len(scheduled)))
-        return Batch(
-            prefill=False, leads=scheduled, seqs=scheduled, rows=rows, num_tokens=len(scheduled), slots=slots, copies=copies
-        )
+        return Batch.decode(scheduled, slots, copies)
 
     def schedule_ahead(self, batch: Batch) -> Batch | None:
         """The decode step after `batch`, scheduled before its samples reach the host (async scheduling):
@@ -198,10 +205,7 @@ class Scheduler:
             slot, seq_copies = self.blocks.append_slot(seq.seq_id)
             slots.append(slot)
             copies.extend(seq_copies)
-        return Batch(
-            prefill=False, leads=seqs, seqs=seqs, rows=list(range(len(seqs))), num_tokens=len(seqs), slots=slots,
-            copies=copies, input_rows=rows,
-        )
+        return Batch.decode(seqs, slots, copies, input_rows=rows)
 
     def _preempt(self, seq: Sequence) -> None:
         """Free a sequence's blocks and requeue it first; it is recomputed from its tokens later."""

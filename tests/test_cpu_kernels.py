@@ -292,7 +292,7 @@ def test_rope_write_kv_wrapper_int32_indices_and_fallback():
     q, k, v, pos, cos, sin, kc, vc, slots = _rope_case(torch.float32, 64, 3)
     kc_ref, vc_ref = kc.clone(), vc.clone()
     q_ref, k_ref = rope_write_kv_reference(q, k, v, pos, cos, sin, kc_ref, vc_ref, slots)
-    q_rot, k_rot = cpu.rope_write_kv_cpu(q, k, v, pos.int(), cos, sin, kc, vc, slots.int())
+    q_rot, _ = cpu.rope_write_kv_cpu(q, k, v, pos.int(), cos, sin, kc, vc, slots.int())
     assert_close_rel(q_rot, q_ref, torch.float32)
     _assert_cache_matches(kc, kc_ref, torch.float32)
     kc16, vc16 = kc.bfloat16().fill_(float("nan")), vc.bfloat16().fill_(float("nan"))
@@ -311,7 +311,7 @@ SAMPLE_SETTINGS = list(
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sample_case(dtype, vocab):
     """Each setting on three rows of one batch: normal logits, logits rounded to a few values (heavy ties,
     at the maximum too) and logits with -inf entries (masked vocabulary and its padding); the reference's

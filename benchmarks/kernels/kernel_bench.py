@@ -16,6 +16,7 @@ nothing), over a reduced grid so the run takes a minute; NREFT_BENCH_FULL=1 asks
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import time
@@ -100,8 +101,8 @@ def _graph_replay(fn, input_sets, calls: int = 1):
             for i in range(calls):
                 fn(*input_sets[(first + i) % len(input_sets)])
         graphs.append(graph)
-    turn = iter(range(1 << 62))
-    return lambda: graphs[next(turn) % len(graphs)].replay()
+    turn = itertools.cycle(graphs)
+    return lambda: next(turn).replay()
 
 
 @pytest.fixture(scope="session")
@@ -190,8 +191,10 @@ def summary_table(rows: list[dict]) -> list[str]:
         "model", "batch", "context", "prompts", "tokens", "filters", "partition", "block_n", "warps", "stages"
     )
     lines = [
-        f"| kernel | shape | impl | timing | median us | GB/s | of copy BW | x{BACK_TO_BACK} in a graph: us per call "
-        "| of copy BW |",
+        (
+            f"| kernel | shape | impl | timing | median us | GB/s | of copy BW | x{BACK_TO_BACK} in a graph: us per"
+            " call | of copy BW |"
+        ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
