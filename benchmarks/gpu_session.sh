@@ -41,6 +41,8 @@ step rollout 150 $PY benchmarks/rollout_throughput.py --device cuda --model rand
   --dtypes bfloat16 --variants sync prepacked --out "$LOGS/rollout_gpu.json" ||
   step rollout_eager 100 $PY benchmarks/rollout_throughput.py --device cuda --model random:qwen2.5-1.5b \
     --dtypes bfloat16 --enforce-eager --no-async --out "$LOGS/rollout_gpu_eager.json"
+# GPU busy time against wall time per decode step, and the top kernels (batch 64 and 1, skip 0 / 0.25)
+step profile 80 $PY benchmarks/profile_decode.py --device cuda --model random:qwen2.5-1.5b --dtype bfloat16
 # Session 4 saw every test that makes _C raise (test_cache_ops' bad-argument cases) crash its worker with a
 # segfault there, in both a CUDA and a CPU-only build. The probe raises one error of each kind (a torch op's
 # own, a TORCH_CHECK in _C, a std::invalid_argument and a custom exception in _C) under cuda-gdb, which
@@ -81,6 +83,7 @@ step bench_other 90 $PY -m pytest "${BENCH[@]}" benchmarks/kernels/test_bench_el
 
 grep -hE "kernel bandwidth|^\| kernel |\| triton \|" "$LOGS"/bench_*.log  # the torch rows are in the logs
 grep -hE "^(dtype|bfloat16) " "$LOGS"/rollout*.log
+grep -h "^== " "$LOGS/profile.log"
 grep -hE "FAILED|^E .*Error" "$LOGS/tests.log" | sort | uniq -c | sort -rn | head -n 15
 grep -E "raised|SIGSEGV|^#[0-9]+ " "$LOGS/throw_probe.log" | head -n 25
 cat "$LOGS/summary.txt"
