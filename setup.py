@@ -1,7 +1,9 @@
 """Builds nreft_engine._C from csrc/: C++ always, CUDA sources when the installed torch has CUDA (and nvcc
 is found). The C++ standard is left to torch, which passes the one its headers need. -fopenmp makes
 at::parallel_for run on torch's OpenMP threads (without it the CPU kernels run on one thread); the
-libgomp it links is the one torch has already loaded."""
+libgomp it links is the one torch has already loaded. libstdc++ is always linked as the shared library:
+a static copy beside the one torch loads crashed _C's first formatted error message (two copies of the
+std::locale facets; seen on a GPU machine whose Python links C++ extensions with -static-libstdc++)."""
 
 import glob
 import os
@@ -12,6 +14,17 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 
 CXX_FLAGS = ["-O3", "-fopenmp"]
+
+
+class BuildExtensionSharedLibstdcxx(BuildExtension):
+    """torch's BuildExtension (ninja), with -static-libstdc++ dropped from the link commands."""
+
+    def build_extensions(self):
+        for attr in ("linker_so", "linker_so_cxx"):
+            command = getattr(self.compiler, attr, None)
+            if command and "-static-libstdc++" in command:
+                setattr(self.compiler, attr, [arg for arg in command if arg != "-static-libstdc++"])
+        super().build_extensions()
 
 
 def extension():
@@ -33,4 +46,4 @@ def extension():
     return CppExtension("nreft_engine._C", cpp, extra_compile_args=CXX_FLAGS, extra_link_args=["-fopenmp"])
 
 
-setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
+setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtensionSharedLibstdcxx.with_options(use_ninja=True)})
