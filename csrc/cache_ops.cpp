@@ -124,7 +124,8 @@ void copy_blocks(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& src
   if (pairs.size(0) == 0) return;
   if (k_cache.is_cuda()) {
 #ifdef NREFT_WITH_CUDA
-    copy_blocks_cuda(k_cache, v_cache, pairs.to(k_cache.device()));
+    // through pinned memory, so the host does not wait for the work already queued on the device
+    copy_blocks_cuda(k_cache, v_cache, pairs.pin_memory().to(k_cache.device(), /*non_blocking=*/true));
     return;
 #else
     TORCH_CHECK(false, "copy_blocks: nreft_engine._C was built without CUDA");

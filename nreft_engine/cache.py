@@ -66,4 +66,4 @@ class PagedKVCache:
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Perform copy-on-write block copies in every active layer."""
         if copies:
-            _C.copy_blocks(self.k, self.v, torch.tensor(copies, dtype=torch.int64, device=self.k.device))
+            _C.copy_blocks(self.k, self.v, torch.tensor(copies, dtype=torch.int64))  # checked on the host

@@ -14,12 +14,23 @@ def _version(t: torch.Tensor) -> int:
     return 0 if t.is_inference() else t._version
 
 
+def _update(current, new):
+    """`new`, copied into `current` when both are plain tensors of one shape: captured CUDA graphs read the
+    storage they were captured with, so a refreshed weight must stay where it was."""
+    if isinstance(current, torch.Tensor) and isinstance(new, torch.Tensor) and current.shape == new.shape:
+        if current is not new:
+            current.copy_(new)
+        return current
+    return new
+
+
 class FusedLinear:
     """y_i = x @ W_i.T + b_i for each source weight W_i [out_i, in], computed as one matmul.
 
     With `prepack`, the sources are concatenated and laid out by `ops.prepare_linear_weight` (copies: on
-    the CPU, oneDNN's blocked layout and the small-batch kernel's); `refresh` rebuilds them when a source's
-    version counter moved, which every in-place update (optimizer step, `load_state_dict`, `copy_`) does.
+    the CPU, oneDNN's blocked layout and the small-batch kernel's; on CUDA, the plain concatenation);
+    `refresh` rebuilds them (in place where they are plain tensors) when a source's version counter moved,
+    which every in-place update (optimizer step, `load_state_dict`, `copy_`) does.
     Without `prepack` the sources are used in place, one matmul each, and nothing is copied.
     """
 
@@ -48,13 +59,13 @@ class FusedLinear:
             return False
         with torch.no_grad():
             weight = torch.cat(self.sources) if len(self.sources) > 1 else self.sources[0]
-            self.weight = ops.prepare_linear_weight(weight)
+            self.weight = _update(self.weight, ops.prepare_linear_weight(weight))
             if all(b is None for b in self.biases):
                 self.bias = None
             else:
-                self.bias = torch.cat([
+                self.bias = _update(self.bias, torch.cat([
                     b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(self.sources, self.biases)
-                ])
+                ]))
         self._versions = versions
         return True
 

@@ -9,6 +9,7 @@ import torch
 
 from nreft_engine import ops
 from nreft_engine.kernels.sampler import filter_logits
+from nreft_engine.transfer import to_device
 
 if TYPE_CHECKING:
     from nreft_engine.scheduler import Sequence
@@ -107,7 +108,7 @@ class Sampler:
         params = [s.params for s in seqs]
         logits = self._suppress_early_stops(logits, seqs)
         # one host-to-device copy for the per-row settings and draws (top_k is exact in fp32 below 2^24)
-        table = torch.tensor(
+        table = to_device(
             [
                 [p.temperature for p in params],
                 [p.top_k for p in params],
@@ -115,14 +116,15 @@ class Sampler:
                 [p.min_p for p in params],
                 [s.next_uniform() for s in seqs],
             ],
-            dtype=torch.float32,
-        ).to(device)
+            device,
+            torch.float32,
+        )
         temperature, top_k, top_p, min_p, uniform = table[0], table[1].long(), table[2], table[3], table[4]
         tokens, logprobs = ops.sample(logits, temperature, top_k, top_p, min_p, uniform)
         tops = []
         wants_top = [i for i, p in enumerate(params) if p.logprobs]
         if wants_top:
-            rows = torch.tensor(wants_top, device=device)
+            rows = to_device(wants_top, device)
             full = filter_logits(logits[rows], temperature[rows], top_k[rows], top_p[rows], min_p[rows])
             full = full.log_softmax(dim=-1)
             tops = [(i, *full[row].topk(params[i].logprobs)) for row, i in enumerate(wants_top)]

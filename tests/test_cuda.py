@@ -8,6 +8,7 @@ from test_engine import PROMPTS, reference_logprobs
 from tiny_models import make_tiny_model
 
 from nreft_engine import Engine, SamplingParams, _C
+from nreft_engine.transfer import to_device
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -29,6 +30,19 @@ def test_write_kv_cuda_equals_cpu(dtype):
     _C.write_kv(k.cuda(), v.cuda(), k_gpu, v_gpu, slots.cuda())
     _C.write_kv(k, v, k_cache, v_cache, slots)
     assert torch.equal(k_gpu.cpu(), k_cache) and torch.equal(v_gpu.cpu(), v_cache)
+
+
+def test_host_to_device_copies_do_not_wait_for_queued_work():
+    """Async scheduling needs the step inputs' copies (and the copy-on-write pairs) not to block the host."""
+    k_cache, v_cache = (torch.zeros(1, 4, 16, 2, 8, device="cuda") for _ in range(2))
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of device time queued ahead of the copies
+    queued = torch.cuda.Event()
+    queued.record()
+    ids = to_device([[1, 2, 3], [4, 5, 6]], torch.device("cuda"))
+    _C.copy_blocks(k_cache, v_cache, torch.tensor([[0, 1]]))
+    assert not queued.query(), "the host waited for the device"
+    assert ids.tolist() == [[1, 2, 3], [4, 5, 6]]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

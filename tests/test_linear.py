@@ -52,6 +52,20 @@ def test_in_place_updates_are_seen_after_refresh():
         torch.testing.assert_close(out, F.linear(x, weights[i], biases[i]), rtol=1e-5, atol=1e-5)
 
 
+def test_a_refreshed_plain_fused_weight_keeps_its_storage():
+    """Where the fused weight is a plain tensor (CUDA), refresh copies into it: captured graphs read it."""
+    weights, biases = _sources()
+    with mock.patch("nreft_engine.ops.prepare_linear_weight", side_effect=lambda w: w):
+        fused = FusedLinear(weights, biases, prepack=True)
+        storage = fused.weight.data_ptr(), fused.bias.data_ptr()
+        weights[0].add_(1.0)
+        biases[2].mul_(3.0)
+        assert fused.refresh()
+    assert (fused.weight.data_ptr(), fused.bias.data_ptr()) == storage
+    torch.testing.assert_close(fused.weight, torch.cat(weights))
+    torch.testing.assert_close(fused.bias, torch.cat(biases))
+
+
 def test_without_prepack_the_sources_are_used_in_place():
     weights, _ = _sources()
     fused = FusedLinear(weights, prepack=False)
