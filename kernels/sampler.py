@@ -72,10 +72,16 @@ def sample_reference(
 
 
 # --------------------------------------------------------------------------------------------------
-# Triton kernel: the whole hot path for one row per program, no sort and no host sync.
+# Triton kernels: the whole hot path with no sort and no host sync, in two launches.
 #
-# Thresholds are found by a search over the fp32 values themselves, mapped to order-preserving int32
-# keys, testing N_CAND candidate thresholds per pass over the row (so ~8 passes instead of 32):
+# Rows with no filter ("plain": top-k off, top-p 1, min-p 0, any temperature) take a split-vocabulary fast
+# path: `_chunk_stats_kernel` reduces every CHUNK-wide slice of every row in parallel (its max, the max's
+# first index, and sum exp(x - max)); `_sample_kernel` then combines a row's chunk stats into the max and
+# the normalizer, picks the chunk the uniform falls in, and scans only that chunk.
+#
+# Other rows walk their row serially. Thresholds are found by a search over the fp32 values themselves,
+# mapped to order-preserving int32 keys, testing N_CAND candidate thresholds per pass over the row (so ~8
+# passes instead of 32):
 #   top-k : the largest t with  #{x >= t} >= k            -> the k-th largest value (ties kept);
 #   top-p : the smallest t >= kth with  mass{x > t} < p * mass{x >= kth}   -> the value of the last
 #           token the reference keeps in sorted order (its mass_before < p), so ties are kept alike;
@@ -105,33 +111,102 @@ def _tempered_tile(row_ptr, offs, vocab, rmask, t):
 
 
 @triton.jit
-def _sample_kernel(
+def _chunk_stats_kernel(
     logits_ptr,
     temp_ptr,
-    topk_ptr,
-    topp_ptr,
-    minp_ptr,
-    u_ptr,
-    tok_ptr,
-    lp_ptr,
+    cmax_ptr,
+    carg_ptr,
+    csum_ptr,
     n_rows,
     stride_row,
+    vocab,
+    num_chunks,
+    ROWS: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """For ROWS rows and one CHUNK-wide slice of the vocabulary: the max m of the tempered logits, its
+    first index, and sum exp(x - m) (0 for a slice that is all -inf)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    chunk = tl.program_id(1)
+    rmask = rows < n_rows
+    temp = tl.load(temp_ptr + rows, mask=rmask, other=1.0).to(tl.float32)
+    t = tl.where(temp > 0, temp, 1.0)
+    row_ptr = logits_ptr + rows.to(tl.int64) * stride_row
+    offs, _, x, _ = _tempered_tile(row_ptr, chunk * CHUNK + tl.arange(0, CHUNK), vocab, rmask, t)
+    m = tl.max(x, axis=1)
+    arg = tl.min(tl.where(x == m[:, None], offs[None, :], 2147483647), axis=1)
+    z = tl.sum(tl.exp(x - tl.where(m > float("-inf"), m, 0.0)[:, None]), axis=1)
+    out = rows * num_chunks + chunk
+    tl.store(cmax_ptr + out, m, mask=rmask)
+    tl.store(carg_ptr + out, arg, mask=rmask)
+    tl.store(csum_ptr + out, z, mask=rmask)
+
+
+@triton.jit
+def _plain_rows(
+    row_ptr,
+    rows,
+    rmask,
+    t,
+    u,
+    vocab,
+    cmax_ptr,
+    carg_ptr,
+    csum_ptr,
+    num_chunks,
+    ROWS: tl.constexpr,
+    CHUNK: tl.constexpr,
+    NUM_CHUNKS_P2: tl.constexpr,
+):
+    """Rows with no filter, from their chunk stats: (max, its first index, key threshold, log of the
+    normalizer, inverse-CDF token), reading the logits of the one chunk the uniform falls in."""
+    BIG: tl.constexpr = 2147483647
+    c = tl.arange(0, NUM_CHUNKS_P2)
+    cmask = rmask[:, None] & (c < num_chunks)[None, :]
+    stat = rows[:, None] * num_chunks + c[None, :]
+    cmax = tl.load(cmax_ptr + stat, mask=cmask, other=float("-inf"))
+    m = tl.where(rmask, tl.max(cmax, axis=1), 0.0)  # rows past the batch: keep the math finite
+    arg = tl.min(tl.where(cmax == m[:, None], tl.load(carg_ptr + stat, mask=cmask, other=BIG), BIG), axis=1)
+    mass = tl.load(csum_ptr + stat, mask=cmask, other=0.0) * tl.exp(cmax - m[:, None])
+    z = tl.sum(mass, axis=1)
+    target = u * z
+    # Only a chunk or token with mass can be drawn (a parallel scan's prefix sums are not always monotone,
+    # so one over a massless stretch may exceed the target first); where rounding leaves none above the
+    # target, the last one with mass.
+    last = tl.max(tl.where(mass > 0, c[None, :], 0), axis=1)
+    above = (tl.cumsum(mass, axis=1) > target[:, None]) & (mass > 0)
+    chunk = tl.min(tl.where(above, c[None, :], last[:, None]), axis=1)
+    before = tl.sum(tl.where(c[None, :] < chunk[:, None], mass, 0.0), axis=1)
+
+    offs = chunk[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
+    x = tl.load(row_ptr[:, None] + offs, mask=rmask[:, None] & (offs < vocab), other=float("-inf"))
+    w = tl.exp(tl.math.div_rn(x.to(tl.float32), t[:, None]) + 0.0 - m[:, None])
+    above = (before[:, None] + tl.cumsum(w, axis=1) > target[:, None]) & (w > 0)
+    hit = tl.min(tl.where(above, offs, BIG), axis=1)
+    token = tl.where(hit == BIG, tl.max(tl.where(w > 0, offs, chunk[:, None] * CHUNK), axis=1), hit)
+    thresh = tl.full([ROWS], -2147483648, tl.int32)  # every key passes
+    return m, arg, thresh, tl.log(tl.where(rmask, z, 1.0)), token
+
+
+@triton.jit
+def _filtered_rows(
+    row_ptr,
+    rmask,
+    t,
+    u,
+    sampling,
+    top_k,
+    top_p,
+    min_p,
     vocab,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     SEARCH_BLOCK: tl.constexpr,
     N_CAND: tl.constexpr,
 ):
-    """Keys are int32; candidate thresholds are computed in int64 (no overflow). The threshold searches
-    compare every logit with N_CAND candidates, so they walk the row in narrower SEARCH_BLOCK tiles."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    rmask = rows < n_rows
-    row_ptr = logits_ptr + rows.to(tl.int64) * stride_row
-    temp = tl.load(temp_ptr + rows, mask=rmask, other=1.0).to(tl.float32)
-    t = tl.where(temp > 0, temp, 1.0)
-    top_k = tl.load(topk_ptr + rows, mask=rmask, other=0).to(tl.int64)
-    top_p = tl.load(topp_ptr + rows, mask=rmask, other=1.0).to(tl.float32)
-    min_p = tl.load(minp_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    """Any rows, walking each row: (max, its first index, top-k/top-p key threshold, log of the kept set's
+    normalizer, inverse-CDF token). Keys are int32; candidate thresholds are computed in int64 (no
+    overflow). The searches compare every logit with N_CAND candidates, so they walk narrower tiles."""
     offs0 = tl.arange(0, BLOCK)
     offs_s = tl.arange(0, SEARCH_BLOCK)
     cand_j = tl.arange(0, N_CAND).to(tl.int64)
@@ -205,12 +280,9 @@ def _sample_kernel(
         w = tl.exp(x - m[:, None])
         keep = (key >= thresh[:, None]) & (w >= min_p[:, None]) & mask
         z += tl.sum(tl.where(keep, w, 0.0), axis=1)
-    log_z = tl.log(tl.where(rmask, z, 1.0))
 
     # inverse CDF in vocabulary order: the first token whose running mass exceeds u * z
-    u = tl.load(u_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     target = u * z
-    sampling = (temp > 0) & rmask
     hit = tl.where(sampling, BIG, 0)  # rows not sampling are "found" from the start
     running = tl.zeros([ROWS], tl.float32)
     start = 0
@@ -219,12 +291,61 @@ def _sample_kernel(
         w = tl.exp(x - m[:, None])
         w = tl.where((key >= thresh[:, None]) & (w >= min_p[:, None]) & mask, w, 0.0)
         cdf = running[:, None] + tl.cumsum(w, axis=1)
-        first = tl.min(tl.where((cdf > target[:, None]) & mask, offs[None, :], BIG), axis=1)
+        first = tl.min(tl.where((cdf > target[:, None]) & mask, offs, BIG), axis=1)
         hit = tl.where(hit == BIG, first, hit)
         running += tl.sum(w, axis=1)
         start += BLOCK
     # nothing exceeded the target (rounding): the reference clamps to the last token
     token = tl.where(hit == BIG, vocab - 1, hit)
+    return m, arg, thresh, tl.log(tl.where(rmask, z, 1.0)), token
+
+
+@triton.jit
+def _sample_kernel(
+    logits_ptr,
+    temp_ptr,
+    topk_ptr,
+    topp_ptr,
+    minp_ptr,
+    u_ptr,
+    cmax_ptr,
+    carg_ptr,
+    csum_ptr,
+    tok_ptr,
+    lp_ptr,
+    n_rows,
+    stride_row,
+    vocab,
+    num_chunks,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SEARCH_BLOCK: tl.constexpr,
+    N_CAND: tl.constexpr,
+    CHUNK: tl.constexpr,
+    NUM_CHUNKS_P2: tl.constexpr,
+):
+    """A program whose rows are all plain samples them from the chunk stats; any other program walks its
+    rows (right for plain rows too). Both paths then share the greedy choice, the fallback and the log-prob."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < n_rows
+    row_ptr = logits_ptr + rows.to(tl.int64) * stride_row
+    temp = tl.load(temp_ptr + rows, mask=rmask, other=1.0).to(tl.float32)
+    t = tl.where(temp > 0, temp, 1.0)
+    top_k = tl.load(topk_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    top_p = tl.load(topp_ptr + rows, mask=rmask, other=1.0).to(tl.float32)
+    min_p = tl.load(minp_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    sampling = (temp > 0) & rmask
+    filtered = ((top_k > 0) & (top_k < vocab)) | (top_p < 1.0) | (min_p > 0.0)
+    if tl.max((filtered & rmask).to(tl.int32), axis=0) == 0:
+        m, arg, thresh, log_z, token = _plain_rows(
+            row_ptr, rows, rmask, t, u, vocab, cmax_ptr, carg_ptr, csum_ptr, num_chunks, ROWS, CHUNK, NUM_CHUNKS_P2
+        )
+    else:
+        m, arg, thresh, log_z, token = _filtered_rows(
+            row_ptr, rmask, t, u, sampling, top_k, top_p, min_p, vocab, ROWS, BLOCK, SEARCH_BLOCK, N_CAND
+        )
+
     # a sampled token outside the kept set (only through rounding at the very end) falls back to greedy
     xt = tl.math.div_rn(tl.load(row_ptr + token, mask=rmask, other=0.0).to(tl.float32), t) + 0.0
     xt_bits = xt.to(tl.int32, bitcast=True)
@@ -243,9 +364,12 @@ def sample_triton(
     top_p: torch.Tensor,
     min_p: torch.Tensor,
     uniform: torch.Tensor,
+    *,
+    chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of `sample_reference`: same tokens and log-probs for the same uniforms; one launch,
-    no host sync (so it can be captured in a CUDA graph)."""
+    """Triton version of `sample_reference`: same tokens and log-probs for the same uniforms; two launches,
+    no host sync (so it can be captured in a CUDA graph). `chunk` (a power of two) overrides the width of
+    the vocabulary slices of the plain-row fast path (tests use small ones)."""
     batch, vocab = logits.shape
     tokens = torch.empty(batch, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(batch, dtype=torch.float32, device=logits.device)
@@ -257,30 +381,57 @@ def sample_triton(
         # A row per program, so each pass over a row is a serial loop over its tiles: wide tiles for the
         # plain passes (a 151936-token vocabulary in 38 steps, not 149), 1024 for the searches, whose
         # [N_CAND, tile] comparisons would not fit in registers at 4096. 16 candidates: ~8 search passes.
+        # Chunks of the plain path: at least 1024 wide, at most 256 of them.
         rows, block, n_cand, num_warps = 1, min(4096, triton.next_power_of_2(vocab)), 16, 8
         search_block = min(1024, block)
+        chunk = chunk or max(1024, triton.next_power_of_2(triton.cdiv(vocab, 256)))
     else:
         # Triton's CPU interpreter: its cost is per op, so make each op big (~1M elements at most)
         block = search_block = min(4096, triton.next_power_of_2(vocab))
         rows = max(1, min(triton.next_power_of_2(batch), (1 << 16) // block))
         n_cand = max(16, min(256, (1 << 20) // (rows * block)))
         num_warps = 4
-    _sample_kernel[(triton.cdiv(batch, rows),)](
+        chunk = chunk or min(triton.next_power_of_2(vocab), (1 << 16) // rows)
+    num_chunks = triton.cdiv(vocab, chunk)
+    temperature = temperature.contiguous()
+    stats = (
+        torch.empty(batch, num_chunks, dtype=torch.float32, device=logits.device),
+        torch.empty(batch, num_chunks, dtype=torch.int32, device=logits.device),
+        torch.empty(batch, num_chunks, dtype=torch.float32, device=logits.device),
+    )
+    grid = (triton.cdiv(batch, rows),)
+    _chunk_stats_kernel[grid + (num_chunks,)](
         logits,
-        temperature.contiguous(),
+        temperature,
+        *stats,
+        batch,
+        logits.stride(0),
+        vocab,
+        num_chunks,
+        ROWS=rows,
+        CHUNK=chunk,
+        num_warps=4,
+    )
+    _sample_kernel[grid](
+        logits,
+        temperature,
         top_k.contiguous(),
         top_p.contiguous(),
         min_p.contiguous(),
         uniform.contiguous(),
+        *stats,
         tokens,
         logprobs,
         batch,
         logits.stride(0),
         vocab,
+        num_chunks,
         ROWS=rows,
         BLOCK=block,
         SEARCH_BLOCK=search_block,
         N_CAND=n_cand,
+        CHUNK=chunk,
+        NUM_CHUNKS_P2=triton.next_power_of_2(num_chunks),
         num_warps=num_warps,
     )
     return tokens, logprobs

@@ -15,13 +15,13 @@ def _params(vocab):
     return temperature, top_k.int(), top_p, min_p
 
 
-def _check_same(logits, params, uniform):
+def _check_same(logits, params, uniform, **kwargs):
     """Same tokens as the reference, and the same log-probs. The only tolerated difference is a draw whose
     uniform falls within fp32 rounding (1e-5 of the mass) of a CDF step: the reference's running sum and
     the kernel's chunked one round differently there, so either neighbouring token is a correct draw."""
     ref_tok, ref_lp = mod.sample_reference(logits, *params, uniform)
     with poisoned_outputs(mod):
-        tok, lp = mod.sample_triton(logits, *params, uniform)
+        tok, lp = mod.sample_triton(logits, *params, uniform, **kwargs)
     assert tok.dtype == torch.int64 and lp.dtype == torch.float32
     logprobs = mod.filter_logits(logits, *params).log_softmax(-1)
     for row in (tok != ref_tok).nonzero().flatten().tolist():
@@ -68,6 +68,64 @@ def test_sampler_no_filter_rows_beside_filtered_rows():
     assert kept[0].all() and kept[3].all()
 
 
+def _plain(batch, vocab, temperature=1.0):
+    """Parameters that filter nothing (the chunked fast path), top-k off either way."""
+    top_k = torch.tensor([0, -1, vocab])[torch.arange(batch) % 3].int()
+    return torch.full((batch,), temperature), top_k, torch.ones(batch), torch.zeros(batch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab,chunk", [(1000, 64), (777, 16)])
+def test_sampler_plain_rows_across_chunks(dtype, vocab, chunk):
+    """Rows with no filter sample from the chunk their uniform falls in: uniforms at both ends, -inf logits
+    (a whole chunk, the start of the sampled chunk, the vocabulary's tail), greedy ties across chunks."""
+    gen = torch.Generator().manual_seed(vocab)
+    batch = 12
+    temperature, top_k, top_p, min_p = _plain(batch, vocab)
+    temperature[[1, 2]] = torch.tensor([0.5, 2.0])
+    logits = 3 * torch.randn(batch, vocab, generator=gen)
+    uniform = torch.rand(batch, generator=gen)
+    uniform[:4] = torch.tensor([0.0, 1e-7, 0.999999, 1.0 - 2**-24])
+    logits[4, 2 * chunk : 3 * chunk] = float("-inf")  # a whole chunk
+    logits[5] = -4.0  # nearly all mass in chunk 3, which starts with -inf
+    logits[5, 3 * chunk : 4 * chunk] = 4.0
+    logits[5, 3 * chunk : 3 * chunk + chunk // 2] = float("-inf")
+    uniform[5] = 0.5
+    logits[6, : 2 * chunk + 5] = float("-inf")  # the first kept token, in the third chunk
+    uniform[6] = 0.0
+    logits[7, vocab - chunk - 7 :] = float("-inf")  # padding over the last two chunks, deep in the tail
+    uniform[7] = 1.0 - 2**-24
+    # greedy: integer rows tie their maximum across chunks; the first index wins
+    temperature[8:] = 0.0
+    logits[8:] = torch.randint(-6, 6, (batch - 8, vocab), generator=gen).float()
+    logits[8, [3 * chunk + 1, chunk + 9, vocab - 1]] = 6.0
+    logits[9, : chunk + 3] = float("-inf")
+    logits = logits.to(dtype)
+    params = (temperature, top_k, top_p, min_p)
+    _check_same(logits, params, uniform, chunk=chunk)
+    tok, _ = mod.sample_triton(logits, *params, uniform, chunk=chunk)
+    assert tok[8] == chunk + 9
+    assert tok[6] == 2 * chunk + 5
+    assert 3 * chunk + chunk // 2 <= tok[5] < 4 * chunk
+
+
+def test_sampler_plain_and_filtered_rows_in_one_batch():
+    """Plain rows take the fast path beside filtered rows (a row per program on the GPU; under the
+    interpreter each 16-row program of this batch is either all plain or takes the full path)."""
+    gen = torch.Generator().manual_seed(7)
+    batch, vocab = 32, 5003
+    logits = 3 * torch.randn(batch, vocab, generator=gen)
+    plain = _plain(batch, vocab, temperature=0.9)
+    filtered = _params(vocab)
+    params = tuple(p.clone() for p in plain)
+    for p, f in zip(params, filtered):
+        p[18 : 18 + f.numel()] = f
+    params[0][[2, 20]] = 0.0
+    uniform = torch.rand(batch, generator=gen)
+    uniform[[0, 16]] = 1.0 - 2**-24
+    _check_same(logits, params, uniform, chunk=512)
+
+
 def _chi_square_pvalue(counts: torch.Tensor, expected: torch.Tensor) -> float:
     """Pearson chi-square goodness of fit; categories expecting < 5 draws are pooled."""
     small = expected < 5
@@ -81,10 +139,10 @@ def _chi_square_pvalue(counts: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize(
-    "temperature,top_k,top_p,min_p",
-    [(0.8, 12, 0.9, 0.02), (1.0, 0, 1.0, 0.0)],
+    "temperature,top_k,top_p,min_p,chunk",
+    [(0.8, 12, 0.9, 0.02, None), (1.0, 0, 1.0, 0.0, 8)],  # filtered; plain, over 3 chunks
 )
-def test_sampler_frequencies_match_target_distribution(temperature, top_k, top_p, min_p):
+def test_sampler_frequencies_match_target_distribution(temperature, top_k, top_p, min_p, chunk):
     gen = torch.Generator().manual_seed(1234)
     vocab, draws = 24, 20000
     row = 1.5 * torch.randn(vocab, generator=gen)
@@ -96,7 +154,7 @@ def test_sampler_frequencies_match_target_distribution(temperature, top_k, top_p
         torch.full((draws,), min_p),
     )
     uniform = torch.rand(draws, generator=gen)
-    tok, lp = mod.sample_triton(logits, *params, uniform)
+    tok, lp = mod.sample_triton(logits, *params, uniform, chunk=chunk)
     target = mod.filter_logits(row[None], *(p[:1] for p in params)).softmax(-1)[0].double()
     counts = torch.bincount(tok, minlength=vocab).double()
     assert counts[target == 0].sum() == 0, "sampled a filtered-out token"
