@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 
 import torch
+from rollout_throughput import DTYPES, load, workload
 from torch.profiler import ProfilerActivity, profile
 
 from nreft_engine import Engine
 from nreft_engine.bench import measure_engine
-from rollout_throughput import DTYPES, load, workload
 
 CASES = ((16, 4), (1, 1))  # (prompts, n): 64 sequences and batch 1, as in rollout_throughput.py
 
