@@ -86,7 +86,8 @@ def sample_reference(
 #   top-p : the smallest t >= kth with  mass{x > t} < p * mass{x >= kth}   -> the value of the last
 #           token the reference keeps in sorted order (its mass_before < p), so ties are kept alike;
 #   min-p : exp(x - max) >= min_p  (prob >= min_p * max prob).
-# Then one pass for the normalizer and one (early-exit) pass for inverse-CDF sampling in vocab order.
+# Then one pass for the normalizer and, for inverse-CDF sampling in vocab order, one early-exit pass over
+# the tiles' sums to find the tile of the draw, whose tokens are then scanned.
 # --------------------------------------------------------------------------------------------------
 
 import triton
@@ -102,12 +103,13 @@ import triton.language as tl
 
 @triton.jit
 def _tempered_tile(row_ptr, offs, vocab, rmask, t):
-    """One tile of a row block: (offsets, mask, tempered fp32 logits, their order-preserving int32 keys)."""
-    mask = rmask[:, None] & (offs < vocab)[None, :]
-    x = tl.load(row_ptr[:, None] + offs[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-    x = tl.math.div_rn(x, t[:, None]) + 0.0
+    """A tile of tempered fp32 logits at `offs` of each row (-inf where masked), with its mask and its
+    order-preserving int32 keys; `row_ptr`, `rmask` and `t` come expanded to the rank of `offs`."""
+    mask = rmask & (offs < vocab)
+    x = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    x = tl.math.div_rn(x, t) + 0.0
     bits = x.to(tl.int32, bitcast=True)
-    return offs, mask, x, bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return mask, x, bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 @triton.jit
@@ -132,9 +134,10 @@ def _chunk_stats_kernel(
     temp = tl.load(temp_ptr + rows, mask=rmask, other=1.0).to(tl.float32)
     t = tl.where(temp > 0, temp, 1.0)
     row_ptr = logits_ptr + rows.to(tl.int64) * stride_row
-    offs, _, x, _ = _tempered_tile(row_ptr, chunk * CHUNK + tl.arange(0, CHUNK), vocab, rmask, t)
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)[None, :]
+    _, x, _ = _tempered_tile(row_ptr[:, None], offs, vocab, rmask[:, None], t[:, None])
     m = tl.max(x, axis=1)
-    arg = tl.min(tl.where(x == m[:, None], offs[None, :], 2147483647), axis=1)
+    arg = tl.min(tl.where(x == m[:, None], offs, 2147483647), axis=1)
     z = tl.sum(tl.exp(x - tl.where(m > float("-inf"), m, 0.0)[:, None]), axis=1)
     out = rows * num_chunks + chunk
     tl.store(cmax_ptr + out, m, mask=rmask)
@@ -206,28 +209,36 @@ def _filtered_rows(
 ):
     """Any rows, walking each row: (max, its first index, top-k/top-p key threshold, log of the kept set's
     normalizer, inverse-CDF token). Keys are int32; candidate thresholds are computed in int64 (no
-    overflow). The searches compare every logit with N_CAND candidates, so they walk narrower tiles."""
-    offs0 = tl.arange(0, BLOCK)
-    offs_s = tl.arange(0, SEARCH_BLOCK)
-    cand_j = tl.arange(0, N_CAND).to(tl.int64)
+    overflow). Each pass keeps per-lane partials and reduces across lanes once, after its loop (a
+    cross-lane reduction per tile would serialize the loop). The searches compare every logit with N_CAND
+    candidates: to keep their [N_CAND, SEARCH_BLOCK] partials in registers, they sum each run of
+    BLOCK // SEARCH_BLOCK adjacent logits (one thread's vector load) into one partial first."""
     BIG: tl.constexpr = 2147483647
+    FOLD: tl.constexpr = BLOCK // SEARCH_BLOCK
+    offs2 = tl.arange(0, BLOCK)[None, :]
+    # a tile as [1, FOLD, SEARCH_BLOCK], FOLD indexing within the runs of adjacent logits
+    offs3 = (tl.arange(0, FOLD)[:, None] + tl.arange(0, SEARCH_BLOCK)[None, :] * FOLD)[None, :, :]
+    row2, rmask2, t2 = row_ptr[:, None], rmask[:, None], t[:, None]
+    row3, rmask3, t3 = row2[:, :, None], rmask2[:, :, None], t2[:, :, None]
+    cand_j = tl.arange(0, N_CAND).to(tl.int64)
 
     # pass 1: max (and its first index, for greedy), smallest key
-    m = tl.full([ROWS], float("-inf"), tl.float32)
-    arg = tl.zeros([ROWS], tl.int32)
-    min_key = tl.full([ROWS], BIG, tl.int32)
+    lane_m = tl.full([ROWS, BLOCK], float("-inf"), tl.float32)
+    lane_arg = tl.zeros([ROWS, BLOCK], tl.int32)
+    lane_min_key = tl.full([ROWS, BLOCK], BIG, tl.int32)
     for start in range(0, vocab, BLOCK):
-        offs, mask, x, key = _tempered_tile(row_ptr, start + offs0, vocab, rmask, t)
-        cm = tl.max(x, axis=1)
-        cidx = tl.min(tl.where(x == cm[:, None], offs[None, :], BIG), axis=1)
-        take = cm > m
-        arg = tl.where(take, cidx, arg)
-        m = tl.where(take, cm, m)
-        min_key = tl.minimum(min_key, tl.min(tl.where(mask, key, BIG), axis=1))
+        mask, x, key = _tempered_tile(row2, start + offs2, vocab, rmask2, t2)
+        take = x > lane_m  # strictly: a lane keeps the first index of its max
+        lane_arg = tl.where(take, start + offs2, lane_arg)
+        lane_m = tl.where(take, x, lane_m)
+        lane_min_key = tl.minimum(lane_min_key, tl.where(mask, key, BIG))
+    m = tl.max(lane_m, axis=1)
+    arg = tl.min(tl.where(lane_m == m[:, None], lane_arg, BIG), axis=1)
     m = tl.where(rmask, m, 0.0)  # rows past the batch: keep the math finite
     m_bits = m.to(tl.int32, bitcast=True)
     max_key = m_bits ^ ((m_bits >> 31) & 0x7FFFFFFF)
-    thresh = tl.minimum(min_key, max_key)  # keeps everything
+    thresh = tl.minimum(tl.min(lane_min_key, axis=1), max_key)  # keeps everything
+    m2, m3 = m[:, None], m[:, None, None]
 
     # top-k: the largest t in [lo, hi] with count(key >= t) >= k (lo always satisfies)
     do_k = (top_k > 0) & (top_k < vocab) & rmask
@@ -236,67 +247,82 @@ def _filtered_rows(
     while tl.max((lo < hi).to(tl.int32), axis=0) > 0:
         step = tl.maximum((hi - lo + N_CAND - 1) // N_CAND, 1)
         cands64 = tl.minimum(lo[:, None] + (cand_j[None, :] + 1) * step[:, None], hi[:, None])
-        cands = cands64.to(tl.int32)
-        counts = tl.zeros([ROWS, N_CAND], tl.int32)
-        for start in range(0, vocab, SEARCH_BLOCK):
-            offs, mask, x, key = _tempered_tile(row_ptr, start + offs_s, vocab, rmask, t)
-            ge = (key[:, None, :] >= cands[:, :, None]) & mask[:, None, :]
-            counts += tl.sum(ge.to(tl.int32), axis=2)
-        sat = counts.to(tl.int64) >= top_k[:, None]
+        cands = cands64.to(tl.int32)[:, :, None, None]
+        counts = tl.zeros([ROWS, N_CAND, SEARCH_BLOCK], tl.int32)
+        for start in range(0, vocab, BLOCK):
+            # no mask: masked lanes hold the key of -inf, the smallest, below the candidates of any row
+            # still searching
+            _, _, key = _tempered_tile(row3, start + offs3, vocab, rmask3, t3)
+            counts += tl.sum((key[:, None, :, :] >= cands).to(tl.int32), axis=2)
+        sat = tl.sum(counts, axis=2).to(tl.int64) >= top_k[:, None]
         new_lo = tl.max(tl.where(sat, cands64, lo[:, None]), axis=1)
         hi = tl.min(tl.where(sat, hi[:, None], cands64 - 1), axis=1)
         lo = new_lo
     thresh = lo.to(tl.int32)
+    thresh2, thresh3 = thresh[:, None], thresh[:, None, None]
 
     # top-p: the smallest t in [kth, max] with mass(key > t) < p * mass(key >= kth) (hi always "satisfies")
     do_p = (top_p < 1.0) & rmask
     z = tl.zeros([ROWS], tl.float32)
     if tl.max(do_p.to(tl.int32), axis=0) > 0:
+        lane_z = tl.zeros([ROWS, BLOCK], tl.float32)
         for start in range(0, vocab, BLOCK):
-            offs, mask, x, key = _tempered_tile(row_ptr, start + offs0, vocab, rmask, t)
-            z += tl.sum(tl.where(key >= thresh[:, None], tl.exp(x - m[:, None]), 0.0), axis=1)
+            _, x, key = _tempered_tile(row2, start + offs2, vocab, rmask2, t2)
+            lane_z += tl.where(key >= thresh2, tl.exp(x - m2), 0.0)
+        z = tl.sum(lane_z, axis=1)
     limit = top_p * z
     lo = thresh.to(tl.int64)
     hi = tl.where(do_p, max_key.to(tl.int64), lo)
     while tl.max((lo < hi).to(tl.int32), axis=0) > 0:
         step = tl.maximum((hi - lo + N_CAND - 1) // N_CAND, 1)
         cands64 = tl.minimum(lo[:, None] + cand_j[None, :] * step[:, None], hi[:, None])
-        cands = cands64.to(tl.int32)
-        mass = tl.zeros([ROWS, N_CAND], tl.float32)
-        for start in range(0, vocab, SEARCH_BLOCK):
-            offs, mask, x, key = _tempered_tile(row_ptr, start + offs_s, vocab, rmask, t)
-            w = tl.where(key >= thresh[:, None], tl.exp(x - m[:, None]), 0.0)
-            mass += tl.sum(tl.where(key[:, None, :] > cands[:, :, None], w[:, None, :], 0.0), axis=2)
-        sat = mass < limit[:, None]
+        cands = cands64.to(tl.int32)[:, :, None, None]
+        mass = tl.zeros([ROWS, N_CAND, SEARCH_BLOCK], tl.float32)
+        for start in range(0, vocab, BLOCK):
+            _, x, key = _tempered_tile(row3, start + offs3, vocab, rmask3, t3)
+            w = tl.where(key >= thresh3, tl.exp(x - m3), 0.0)
+            mass += tl.sum(tl.where(key[:, None, :, :] > cands, w[:, None, :, :], 0.0), axis=2)
+        sat = tl.sum(mass, axis=2) < limit[:, None]
         new_hi = tl.min(tl.where(sat, cands64, hi[:, None]), axis=1)
         lo = tl.max(tl.where(sat, lo[:, None], cands64 + 1), axis=1)
         hi = new_hi
     thresh = hi.to(tl.int32)
+    thresh2 = thresh[:, None]
 
     # normalizer of the kept set (top-k/top-p threshold, then min-p: prob >= min_p * max prob)
-    z = tl.zeros([ROWS], tl.float32)
+    lane_z = tl.zeros([ROWS, BLOCK], tl.float32)
     for start in range(0, vocab, BLOCK):
-        offs, mask, x, key = _tempered_tile(row_ptr, start + offs0, vocab, rmask, t)
-        w = tl.exp(x - m[:, None])
-        keep = (key >= thresh[:, None]) & (w >= min_p[:, None]) & mask
-        z += tl.sum(tl.where(keep, w, 0.0), axis=1)
+        mask, x, key = _tempered_tile(row2, start + offs2, vocab, rmask2, t2)
+        w = tl.exp(x - m2)
+        lane_z += tl.where((key >= thresh2) & (w >= min_p[:, None]) & mask, w, 0.0)
+    z = tl.sum(lane_z, axis=1)
 
-    # inverse CDF in vocabulary order: the first token whose running mass exceeds u * z
+    # inverse CDF in vocabulary order: the first token whose running mass exceeds u * z. Find its tile from
+    # the tiles' sums (the last tile with mass if rounding leaves the total short of u * z), then scan it.
     target = u * z
-    hit = tl.where(sampling, BIG, 0)  # rows not sampling are "found" from the start
+    done = ~sampling  # rows not sampling need no token
+    tile = tl.zeros([ROWS], tl.int32)
+    before = tl.zeros([ROWS], tl.float32)  # the mass of the tiles before `tile`
     running = tl.zeros([ROWS], tl.float32)
     start = 0
-    while (start < vocab) & (tl.max(hit, axis=0) == BIG):
-        offs, mask, x, key = _tempered_tile(row_ptr, start + offs0, vocab, rmask, t)
-        w = tl.exp(x - m[:, None])
-        w = tl.where((key >= thresh[:, None]) & (w >= min_p[:, None]) & mask, w, 0.0)
-        cdf = running[:, None] + tl.cumsum(w, axis=1)
-        first = tl.min(tl.where((cdf > target[:, None]) & mask, offs, BIG), axis=1)
-        hit = tl.where(hit == BIG, first, hit)
-        running += tl.sum(w, axis=1)
+    while (start < vocab) & (tl.min(done.to(tl.int32), axis=0) == 0):
+        mask, x, key = _tempered_tile(row2, start + offs2, vocab, rmask2, t2)
+        w = tl.exp(x - m2)
+        s = tl.sum(tl.where((key >= thresh2) & (w >= min_p[:, None]) & mask, w, 0.0), axis=1)
+        at = ~done & (s > 0)
+        tile = tl.where(at, start, tile)
+        before = tl.where(at, running, before)
+        running += s
+        done = done | (running > target)
         start += BLOCK
-    # nothing exceeded the target (rounding): the reference clamps to the last token
-    token = tl.where(hit == BIG, vocab - 1, hit)
+    offs = tile[:, None] + offs2
+    mask, x, key = _tempered_tile(row2, offs, vocab, rmask2, t2)
+    w = tl.exp(x - m2)
+    w = tl.where((key >= thresh2) & (w >= min_p[:, None]) & mask, w, 0.0)
+    cdf = before[:, None] + tl.cumsum(w, axis=1)
+    hit = tl.min(tl.where((cdf > target[:, None]) & (w > 0), offs, BIG), axis=1)
+    # nothing exceeded the target (rounding): the last kept token
+    token = tl.where(hit == BIG, tl.max(tl.where(w > 0, offs, 0), axis=1), hit)
     return m, arg, thresh, tl.log(tl.where(rmask, z, 1.0)), token
 
 
@@ -378,16 +404,18 @@ def sample_triton(
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     if logits.is_cuda:
-        # A row per program, so each pass over a row is a serial loop over its tiles: wide tiles for the
-        # plain passes (a 151936-token vocabulary in 38 steps, not 149), 1024 for the searches, whose
-        # [N_CAND, tile] comparisons would not fit in registers at 4096. 16 candidates: ~8 search passes.
+        # A row per program, so each pass over a row is a serial loop over its tiles: 4096 wide (a
+        # 151936-token vocabulary in 38 steps). The searches keep [16 candidates, 1024] partials (~8 passes
+        # each): ~220 registers a thread, which 8 warps have (16 warps, 128 a thread, spill).
         # Chunks of the plain path: at least 1024 wide, at most 256 of them.
         rows, block, n_cand, num_warps = 1, min(4096, triton.next_power_of_2(vocab)), 16, 8
         search_block = min(1024, block)
         chunk = chunk or max(1024, triton.next_power_of_2(triton.cdiv(vocab, 256)))
     else:
         # Triton's CPU interpreter: its cost is per op, so make each op big (~1M elements at most)
-        block = search_block = min(4096, triton.next_power_of_2(vocab))
+        # (the searches fold their tiles 4 times, as on the GPU, so that the tests cover the fold)
+        block = min(4096, triton.next_power_of_2(vocab))
+        search_block = max(1, block // 4)
         rows = max(1, min(triton.next_power_of_2(batch), (1 << 16) // block))
         n_cand = max(16, min(256, (1 << 20) // (rows * block)))
         num_warps = 4

@@ -126,6 +126,29 @@ def test_sampler_plain_and_filtered_rows_in_one_batch():
     _check_same(logits, params, uniform, chunk=512)
 
 
+def test_sampler_filtered_draws_across_tiles():
+    """Filtered rows find the tile of their draw from the tiles' sums, then scan that tile: draws on either
+    side of a tile boundary (4096, the tile width on the GPU and under the interpreter), past massless tiles,
+    at both ends of the CDF, and a greedy row."""
+    gen = torch.Generator().manual_seed(11)
+    batch, vocab = 6, 2 * 4096 + 300
+    logits = 3 * torch.randn(batch, vocab, generator=gen)
+    logits[:2, 4095:4097] = 20.0  # top-2 keeps exactly 4095 and 4096, one per tile
+    logits[2, : 4096 + 100] = float("-inf")  # no kept token before the second tile's 100th
+    logits[4, 4096 : 2 * 4096] = float("-inf")  # a whole massless tile between kept ones
+    params = (
+        torch.tensor([1.0, 1.0, 0.8, 1.2, 1.0, 0.0]),
+        torch.tensor([2, 2, 0, 0, 50, 0]).int(),
+        torch.tensor([1.0, 1.0, 1.0, 0.9, 1.0, 0.5]),
+        torch.tensor([0.0, 0.0, 1e-3, 0.0, 0.0, 0.0]),
+    )
+    uniform = torch.tensor([0.499, 0.501, 0.0, 1.0 - 2**-24, 0.7, 0.5])
+    _check_same(logits, params, uniform)
+    tok, _ = mod.sample_triton(logits, *params, uniform)
+    first_kept = int(mod.filter_logits(logits, *params)[2].isfinite().nonzero()[0])
+    assert tok[:3].tolist() == [4095, 4096, first_kept] and first_kept >= 4096 + 100
+
+
 def _chi_square_pvalue(counts: torch.Tensor, expected: torch.Tensor) -> float:
     """Pearson chi-square goodness of fit; categories expecting < 5 draws are pooled."""
     small = expected < 5
