@@ -135,10 +135,13 @@ class Sampler:
         early = [i for i, s in enumerate(seqs) if s.num_output_tokens + s.num_pending < s.params.min_tokens]
         if not early:
             return logits
-        logits = logits.clone()
+        rows, cols = [], []
         for i in early:
             p = seqs[i].params
             banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
-            if banned:
-                logits[i, banned] = float("-inf")
-        return logits
+            rows += [i] * len(banned)
+            cols += banned
+        if not rows:
+            return logits
+        index = to_device([rows, cols], logits.device)
+        return logits.index_put((index[0], index[1]), logits.new_full((), float("-inf")))
