@@ -7,7 +7,7 @@ import torch
 from test_engine import PROMPTS, reference_logprobs
 from tiny_models import make_tiny_model
 
-from nreft_engine import Engine, SamplingParams, _C
+from nreft_engine import _C, Engine, SamplingParams
 from nreft_engine.transfer import to_device
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -87,3 +87,19 @@ def test_cuda_graphs_equal_eager_steps():
         for (_, la), (_, lb) in zip(a, b):
             assert max(abs(x - y) for x, y in zip(la, lb)) <= 1e-5
     assert graphed.last_stats.graph_captures == 0  # the no-skip graphs were captured by the first call
+
+
+def test_a_warm_generate_never_blocks_on_the_device():
+    """With graphs captured, a generate call makes no blocking copy or stream sync (torch's sync debug mode
+    raises on one): async scheduling and graph replays only overlap the host's work with the device's if so.
+    Waiting on a step's own samples (a CUDA event) is allowed."""
+    engine = Engine(make_tiny_model("qwen2").cuda(), kv_cache_memory=1 << 24)
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=12, min_tokens=4, ignore_eos=True, seed=0)
+    expected = engine.generate(PROMPTS, params, skip=[1])
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outputs = engine.generate(PROMPTS, params, skip=[1])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert engine.last_stats.graph_captures == 0
+    assert [c.token_ids for o in outputs for c in o.outputs] == [c.token_ids for o in expected for c in o.outputs]
