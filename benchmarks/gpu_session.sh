@@ -5,10 +5,10 @@
 # time limit, so one that hangs or fails leaves the others their time. Logs and JSON are kept in
 # $OUT/logs.tgz (refreshed after every step: the device tool returns few files); the tables and a one-line
 # summary per step are printed last. Usage: bash benchmarks/gpu_session.sh [STEP...]: the named steps only
-# (build tests rollout profile probe bench_paged rollout_1layer bench_other bench_sampler; default: all but
-# bench_sampler, which bench_other includes).
+# (build tests rollout profile capture probe bench_paged rollout_1layer bench_other bench_sampler; default: all
+# but bench_sampler, which bench_other includes).
 set -u
-STEPS=${*:-build tests rollout profile probe bench_paged rollout_1layer bench_other}
+STEPS=${*:-build tests rollout profile capture probe bench_paged rollout_1layer bench_other}
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
 OUT=${OUT:-/tmp/nreft-gpu}
 LOGS=$(mktemp -d)
@@ -51,6 +51,8 @@ wants rollout && { step rollout 150 $PY benchmarks/rollout_throughput.py --devic
     --dtypes bfloat16 --enforce-eager --no-async --out "$LOGS/rollout_gpu_eager.json"; }
 # GPU busy time against wall time per decode step, and the top kernels (batch 64 and 1, skip 0 / 0.25)
 wants profile && step profile 80 $PY benchmarks/profile_decode.py --device cuda --model random:qwen2.5-1.5b --dtype bfloat16
+# what a new skip set's graph capture costs, as the engine captures and two cheaper ways
+wants capture && step capture 90 $PY benchmarks/graph_capture.py
 # One error of each kind raised through _C (a torch op's own, a TORCH_CHECK in _C, a std::invalid_argument
 # and a custom exception in _C) under cuda-gdb, which prints the native stack of a crash.
 cat > "$LOGS/throw_probe.py" <<'PY'
@@ -91,6 +93,7 @@ wants bench_sampler && step bench_sampler 60 $PY -m pytest "${BENCH[@]}" benchma
 grep -hE "kernel bandwidth|^\| kernel |\| triton \|" "$LOGS"/bench_*.log  # the torch rows are in the logs
 grep -hE "^(dtype|bfloat16) " "$LOGS"/rollout*.log
 grep -sh "^== " "$LOGS/profile.log"
+grep -shE "^(variant|engine|keep-caches)" "$LOGS/capture.log"
 grep -shE "FAILED|^E .*Error" "$LOGS/tests.log" | sort | uniq -c | sort -rn | head -n 15
 grep -sE "raised|SIGSEGV|^#[0-9]+ " "$LOGS/throw_probe.log" | head -n 25
 cat "$LOGS/toolchain.txt" "$LOGS/summary.txt"

@@ -1,0 +1,109 @@
+"""What capturing a decode graph for a new skip set costs, and what cheaper captures would save.
+
+Every `generate` with a fresh skip set captures one CUDA graph per batch bucket it passes through: 14-36 ms
+each on an H200, 35 ms of a 128-token batch-1 rollout's 298 ms. This times DecodeGraphs' capture as the
+engine does it and two candidates, on new skip sets at batch 1 and 64, and checks that each candidate's
+graphs give the eager engine's tokens:
+
+  engine         DecodeGraphs._record: an eager run (compiles kernels), then torch.cuda.graph, which empties
+                 the device and pinned-host caches before every capture
+  keep-caches    capture_begin / capture_end on a side stream: the caches stay
+  keep-caches-1  the same, and the eager run only for a bucket's first capture (its kernels are compiled)
+
+    python benchmarks/graph_capture.py [--model random:qwen2.5-1.5b] [--plans 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import statistics
+from unittest import mock
+
+import torch
+from rollout_throughput import load, workload
+
+from nreft_engine import Engine, SamplingParams, SkipPolicy
+from nreft_engine.graphs import DecodeGraphs
+
+CASES = ((1, 1), (16, 4))  # (prompts, n): batch 1 and 64 sequences
+
+
+@functools.cache
+def capture_stream() -> torch.cuda.Stream:
+    return torch.cuda.Stream()
+
+
+def record_keeping_caches(graphs: DecodeGraphs, step, warm: bool = True):
+    """DecodeGraphs._record without torch.cuda.graph's cache emptying; the eager run only if `warm`."""
+    if warm:
+        step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(capture_stream()):
+        graph.capture_begin(*(() if graphs._pool is None else (graphs._pool,)))
+        try:
+            logits = step()
+        finally:
+            graph.capture_end()
+    graphs._pool = graph.pool()
+    torch.cuda.synchronize()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return logits
+
+    return replay
+
+
+def variant_patch(name: str):
+    """A context that makes DecodeGraphs capture the `name` way."""
+    if name == "engine":
+        return contextlib.nullcontext()
+    if name == "keep-caches":
+        return mock.patch.object(DecodeGraphs, "_record", record_keeping_caches)
+    original_capture = DecodeGraphs._capture
+
+    def capture_warm_once(self, bucket, plan, cache):
+        warmed = self.__dict__.setdefault("_warmed_buckets", set())
+        with mock.patch.object(self, "_record", lambda step: record_keeping_caches(self, step, bucket not in warmed)):
+            replay = original_capture(self, bucket, plan, cache)
+        warmed.add(bucket)
+        return replay
+
+    return mock.patch.object(DecodeGraphs, "_capture", capture_warm_once)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="random:qwen2.5-1.5b")
+    parser.add_argument("--plans", type=int, default=4, help="new skip sets timed per variant and batch")
+    args = parser.parse_args()
+    model, tokenizer = load(args.model, torch.bfloat16, "cuda")
+    eager = Engine(model, tokenizer, kv_cache_memory=1 << 30, enforce_eager=True)
+    print(f"{'variant':14} {'seqs':>4} {'capture ms (median, min-max)':>30} {'same tokens as eager':>21}")
+    for variant in ("engine", "keep-caches", "keep-caches-1"):
+        with variant_patch(variant):
+            engine = Engine(model, tokenizer, kv_cache_memory=1 << 30)
+            for num_prompts, n in CASES:
+                prompts = workload(tokenizer, num_prompts, model.config.vocab_size)
+                params = SamplingParams(n=n, temperature=1.0, max_tokens=8, ignore_eos=True, seed=0)
+                engine.generate(prompts, params)  # the bucket's first capture: compiles kernels
+                times, same = [], True
+                for seed in range(args.plans):
+                    plan = SkipPolicy(0.25, seed=seed).plan(engine.num_layers)
+                    outputs = engine.generate(prompts, params, skip=plan)
+                    stats = engine.last_stats
+                    times.append(1e3 * stats.graph_capture_seconds / max(stats.graph_captures, 1))
+                    expected = eager.generate(prompts, params, skip=plan)
+                    same &= [c.token_ids for o in outputs for c in o.outputs] == [
+                        c.token_ids for o in expected for c in o.outputs
+                    ]
+                spread = f"{statistics.median(times):.1f} ({min(times):.1f}-{max(times):.1f})"
+                print(f"{variant:14} {num_prompts * n:>4} {spread:>30} {same!s:>21}", flush=True)
+            del engine
+
+
+if __name__ == "__main__":
+    main()
