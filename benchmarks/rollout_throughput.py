@@ -97,13 +97,23 @@ def run_case(
 
 
 def print_table(rows: list[dict]) -> None:
-    hf = {(r["dtype"], r["sequences"]): r["tokens_per_second"] for r in rows if r["system"] == "hf"}
-    base = {(r["dtype"], r["sequences"]): r["tokens_per_second"] for r in rows if r["system"] == "engine skip 0.0"}
+    """tok/s end to end, and the decode steps' tok/s with and without graph captures ("steady"), each
+    with its ratio to the same run's skip 0."""
+    def by_case(system: str, field: str) -> dict:
+        return {(r["dtype"], r["sequences"]): r[field] for r in rows if r["system"] == system}
+
+    hf = by_case("hf", "tokens_per_second")
+    base = by_case("engine skip 0.0", "tokens_per_second")
+    base_steady = by_case("engine skip 0.0", "steady_decode_tokens_per_second")
     print(f"{'dtype':9} {'seqs':>4} {'system':18} {'tok/s':>8} {'x HF':>6} {'x skip0':>7} {'decode tok/s':>12} "
-          f"{'KV MiB':>8} {'graphs':>6}")
+          f"{'steady tok/s':>12} {'x skip0':>7} {'KV MiB':>8} {'graphs':>6}")
     for r in rows:
         key = (r["dtype"], r["sequences"])
-        decode = f"{r['decode_tokens_per_second']:12.1f}" if "decode_tokens_per_second" in r else " " * 12
+        if "decode_tokens_per_second" in r:
+            steady = r["steady_decode_tokens_per_second"]
+            decode = f"{r['decode_tokens_per_second']:12.1f} {steady:12.1f} {steady / base_steady[key]:7.2f}"
+        else:
+            decode = " " * 34
         print(f"{r['dtype']:9} {r['sequences']:>4} {r['system']:18} {r['tokens_per_second']:8.1f} "
               f"{r['tokens_per_second'] / hf[key]:6.2f} {r['tokens_per_second'] / base[key]:7.2f} {decode} "
               f"{r['kv_cache_bytes'] / 2**20:8.1f} {r.get('graph_captures', 0):6}")
