@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import functools
+import pstats
 import statistics
 from unittest import mock
 
@@ -75,6 +77,26 @@ def variant_patch(name: str):
     return mock.patch.object(DecodeGraphs, "_capture", capture_warm_once)
 
 
+def profile_one_capture(engine: Engine, prompts: list[list[int]], seed: int) -> None:
+    """The host functions one batch-1 capture spends its time in (cProfile, by cumulative time)."""
+    plan = SkipPolicy(0.25, seed=seed).plan(engine.num_layers)
+    profiler = cProfile.Profile()
+    with mock.patch.object(DecodeGraphs, "_capture", profiled(DecodeGraphs._capture, profiler)):
+        engine.generate(prompts, SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True, seed=0), skip=plan)
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(15)
+
+
+def profiled(method, profiler: cProfile.Profile):
+    def wrapper(*args, **kwargs):
+        profiler.enable()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            profiler.disable()
+
+    return wrapper
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="random:qwen2.5-1.5b")
@@ -102,6 +124,8 @@ def main() -> None:
                     ]
                 spread = f"{statistics.median(times):.1f} ({min(times):.1f}-{max(times):.1f})"
                 print(f"{variant:14} {num_prompts * n:>4} {spread:>30} {same!s:>21}", flush=True)
+            if variant == "engine":
+                profile_one_capture(engine, workload(tokenizer, 1, model.config.vocab_size), args.plans)
             del engine
 
 
