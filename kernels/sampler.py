@@ -97,8 +97,7 @@ import triton.language as tl
 # under the CPU interpreter, whose cost is per op, not per element). Every loop runs until all its rows are
 # done; a finished row just stops changing. The tempered logits x = logit / t are recomputed in every pass
 # (exactly as torch divides; "+ 0.0" turns -0.0 into +0.0) with their order-preserving int32 keys
-# key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  (x < y <=> key(x) < key(y)). The key math is written out in
-# each pass rather than in a helper: nested jit calls are expensive in the interpreter.
+# key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  (x < y <=> key(x) < key(y)), by `_tempered_tile`.
 
 
 @triton.jit
