@@ -103,3 +103,22 @@ def test_a_warm_generate_never_blocks_on_the_device():
         torch.cuda.set_sync_debug_mode("default")
     assert engine.last_stats.graph_captures == 0
     assert [c.token_ids for o in outputs for c in o.outputs] == [c.token_ids for o in expected for c in o.outputs]
+
+
+def test_replayed_graphs_see_an_optimizer_step():
+    """On CUDA the fused q/k/v and gate/up copies are the default and the decode graphs read them: after an
+    AdamW step the next generate must replay the same graphs (no new capture) over the updated weights."""
+    model = make_tiny_model("qwen2").cuda()
+    engine = Engine(model, kv_cache_memory=1 << 24)
+    assert engine.prepack_weights
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=10, ignore_eos=True, seed=0)
+    engine.generate(PROMPTS, params)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    model(torch.tensor([PROMPTS[0]], device="cuda")).logits.sum().backward()
+    opt.step()
+    outputs = engine.generate(PROMPTS, params)
+    assert engine.last_stats.graph_captures == 0
+    for prompt, out in zip(PROMPTS, outputs):
+        for c in out.outputs:
+            expected = reference_logprobs(model, prompt, c.token_ids, params)
+            assert (torch.tensor(c.logprobs) - expected).abs().max().item() <= 1e-4
