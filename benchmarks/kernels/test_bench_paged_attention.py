@@ -18,9 +18,9 @@ def test_paged_decode_attention(benchmark, copy_bandwidth, model, batch, context
            context, impl=impl)
 
 
-# (tokens per split, tile, warps, pipeline stages). Session 4 on an H200: 128-512 x tiles 32/64 at 4 warps,
-# 3 stages all ran 52-58 us (57-64% of copy bandwidth), about 18 us over the bytes' time at every size, so
-# the next sweep tries fewer, longer splits (2048 = one split, no merge launch) and deeper pipelines.
+# (tokens per split, tile, warps, pipeline stages). On an H200 (session 5) every setting ran 42.4-61.1 us per
+# call in a graph; the best (1024, 128, 8, 3) was within noise of the default (512, 64, 4, 3), and one split
+# of 2048 (no merge launch) was slower: see benchmarks/RESULTS.md.
 SWEEP = [
     (512, 64, 4, 3),
     (512, 64, 8, 3),
