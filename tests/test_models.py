@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
 import time
+from types import SimpleNamespace
 
 import huggingface_hub.constants
 import pytest
@@ -18,9 +22,11 @@ from nreft_engine.models import (
     ModelSpec,
     UnsupportedModelError,
     load_model,
+    loader,
     prepare_model,
     rope_tables,
 )
+from nreft_engine.models.loader import embedded_gguf_path
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
 
@@ -145,17 +151,32 @@ def test_unreachable_hub_id(monkeypatch):
         load_model("nreft-test/no-such-model")
 
 
-@pytest.mark.slow
-def test_embedded_gguf_loads_then_comes_from_cache(tmp_path):
+@pytest.fixture(scope="module")
+def embedded_cache(tmp_path_factory):
+    """The embedded model loaded once into an empty cache: (cache dir, model, tokenizer, seconds taken)."""
+    cache_dir = tmp_path_factory.mktemp("gguf-cache")
     start = time.perf_counter()
-    model, tokenizer = load_model(DEFAULT_MODEL, cache_dir=str(tmp_path))
-    first = time.perf_counter() - start
-    (cached_dir,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    model, tokenizer = load_model(DEFAULT_MODEL, cache_dir=str(cache_dir))
+    return cache_dir, model, tokenizer, time.perf_counter() - start
+
+
+def assert_same_model(model, tokenizer, other, other_tokenizer):
+    for (name, ours), theirs in zip(model.state_dict().items(), other.state_dict().values(), strict=True):
+        assert torch.equal(ours, theirs), name
+    ids = tokenizer("What is 2 + 3?").input_ids
+    assert ids == other_tokenizer("What is 2 + 3?").input_ids and tokenizer.decode(ids) == "What is 2 + 3?"
+    assert tokenizer.chat_template == other_tokenizer.chat_template is not None
+
+
+@pytest.mark.slow
+def test_embedded_gguf_loads_then_comes_from_cache(embedded_cache):
+    cache_dir, model, tokenizer, first = embedded_cache
+    (cached_dir,) = [p for p in cache_dir.iterdir() if not p.name.startswith(".")]
     assert (cached_dir / "model.safetensors").is_file()
     assert json.loads((cached_dir / "config.json").read_text())["model_type"] == "llama"
 
     start = time.perf_counter()
-    again, tokenizer_again = load_model(DEFAULT_MODEL, cache_dir=str(tmp_path))
+    again, tokenizer_again = load_model(DEFAULT_MODEL, cache_dir=str(cache_dir))
     second = time.perf_counter() - start
     print(f"\nGGUF first load (convert + cache) {first:.1f}s, cached load {second:.1f}s")
     assert second < first
@@ -163,8 +184,35 @@ def test_embedded_gguf_loads_then_comes_from_cache(tmp_path):
     spec = prepare_model(model)
     assert (spec.family, spec.num_layers, spec.hidden_size, spec.num_kv_heads) == ("llama", 30, 576, 3)
     assert spec.tie_word_embeddings and spec.eos_token_ids == (2,)
-    for (name, ours), theirs in zip(model.state_dict().items(), again.state_dict().values()):
-        assert torch.equal(ours, theirs), name
-    ids = tokenizer("What is 2 + 3?").input_ids
-    assert ids == tokenizer_again("What is 2 + 3?").input_ids and tokenizer.decode(ids) == "What is 2 + 3?"
-    assert tokenizer.chat_template is not None
+    assert_same_model(model, tokenizer, again, tokenizer_again)
+
+
+@pytest.mark.slow
+def test_a_reinstalled_gguf_file_reuses_the_cache(embedded_cache, tmp_path, monkeypatch):
+    """The cache is keyed by content: the same file at a new path with a new mtime is not converted again."""
+    cache_dir, model, tokenizer, _ = embedded_cache
+    original = embedded_gguf_path(DEFAULT_MODEL)
+    copy = tmp_path / os.path.basename(original)
+    shutil.copyfile(original, copy)
+    os.utime(copy, ns=(1, 1))
+    entries = sorted(cache_dir.iterdir())
+
+    def no_conversion(path):
+        raise AssertionError(f"{path} was converted again")
+
+    monkeypatch.setattr(loader, "_convert_gguf", no_conversion)
+    loaded, loaded_tokenizer = load_model(str(copy), cache_dir=str(cache_dir))
+    assert sorted(cache_dir.iterdir()) == entries
+    assert_same_model(model, tokenizer, loaded, loaded_tokenizer)
+
+
+@pytest.mark.slow
+def test_a_full_disk_loads_the_gguf_from_memory_with_a_warning(embedded_cache, tmp_path, monkeypatch, caplog):
+    _, model, tokenizer, _ = embedded_cache
+    monkeypatch.setattr(loader.shutil, "disk_usage", lambda path: SimpleNamespace(free=2**20))
+    with caplog.at_level(logging.WARNING, logger=loader.__name__):
+        loaded, loaded_tokenizer = load_model(DEFAULT_MODEL, torch.bfloat16, cache_dir=str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+    assert "1 MiB free" in caplog.text and "NREFT_CACHE_DIR" in caplog.text
+    assert loaded.dtype == torch.bfloat16 and not loaded.training
+    assert_same_model(model.to(torch.bfloat16), tokenizer, loaded, loaded_tokenizer)

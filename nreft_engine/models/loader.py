@@ -1,11 +1,13 @@
 """Load a supported causal LM and its tokenizer: embedded default, GGUF file, local directory, or hub id.
 
-GGUF files are converted once by transformers and cached as safetensors, so later loads are fast.
+GGUF files are converted once by transformers and cached as safetensors (keyed by content), so later loads
+are fast.
 The architecture is checked from the config before any weights are read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -15,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -35,6 +38,7 @@ EMBEDDED_MODELS: dict[str, tuple[str, str, str]] = {
 }
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_CACHE_HEADROOM = 64 * 2**20  # bytes kept free beyond the weights: tokenizer files and the file system
 
 
 def default_cache_dir() -> str:
@@ -115,37 +119,72 @@ def _load_hub(repo_id: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTra
 def _load_gguf(
     path: str, dtype: torch.dtype, cache_root: str
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
-    """Convert the GGUF file once into a safetensors directory under `cache_root`, then load from there."""
-    stat = os.stat(path)
-    name = os.path.basename(path)
-    target = os.path.join(cache_root, f"{Path(name).stem}-{stat.st_size}-{stat.st_mtime_ns}")
+    """Convert the GGUF file once into a safetensors directory under `cache_root`, then load from there.
+
+    The cache is keyed by the file's content, so reinstalling the same file reuses it. Where the cache cannot
+    be written (no room, no permission) the converted model is used from memory and a warning says why.
+    """
+    target = os.path.join(cache_root, f"{Path(path).stem}-{_content_digest(path)}")
     if not os.path.isfile(os.path.join(target, "config.json")):
-        _convert_gguf(path, target)
+        model, tokenizer = _convert_gguf(path)
+        if not _save_converted(model, tokenizer, target):
+            return model.to(dtype).eval(), tokenizer
     return _load_pretrained(target, dtype, local_files_only=True)
 
 
-def _convert_gguf(path: str, target: str) -> None:
-    """Dequantize to fp32 and save as safetensors; written to a temp dir and renamed, so it is never partial."""
+def _content_digest(path: str) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()[:16]
+
+
+def _convert_gguf(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Dequantize a GGUF file into an fp32 transformers model and its tokenizer."""
     directory, name = os.path.split(os.path.abspath(path))
     config = AutoConfig.from_pretrained(directory, gguf_file=name)
     check_supported(config)
-    logger.info("converting GGUF %s, cached at %s", path, target)
+    logger.info("converting GGUF %s", path)
     model = AutoModelForCausalLM.from_pretrained(
         directory,
         gguf_file=name,
         config=config,
         dtype=torch.float32,
+        attn_implementation="sdpa",
         quantization_config=GgufConfig(dequantize=True),
     )
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.")
+    return model, AutoTokenizer.from_pretrained(directory, gguf_file=name)
+
+
+def _save_converted(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: str) -> bool:
+    """Save into `target` through a temp dir renamed at the end, so it is never partial; False if not saved."""
+    root = os.path.dirname(target)
+    storages = {t.untyped_storage().data_ptr(): t.nbytes for t in model.state_dict().values()}
+    needed = _CACHE_HEADROOM + sum(storages.values())  # tied weights share a storage and are saved once
+    try:
+        os.makedirs(root, exist_ok=True)
+        free = shutil.disk_usage(root).free
+        if free < needed:
+            return _not_cached(target, f"{root} has {free >> 20} MiB free and it needs {needed >> 20} MiB")
+        tmp = tempfile.mkdtemp(dir=root, prefix=f".{os.path.basename(target)}.")
+    except OSError as error:
+        return _not_cached(target, f"its folder cannot be written ({error})")
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
-    except OSError:
-        if not os.path.isfile(os.path.join(target, "config.json")):
-            raise  # a concurrent conversion that finished first is fine; anything else is not
+    except (OSError, SafetensorError) as error:
+        if not os.path.isfile(os.path.join(target, "config.json")):  # else a concurrent conversion won
+            return _not_cached(target, f"writing it failed ({error})")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("cached the converted model at %s", target)
+    return True
+
+
+def _not_cached(target: str, reason: str) -> bool:
+    logger.warning(
+        "Using the converted GGUF model without caching it at %s: %s. Every load will convert it again; "
+        "set NREFT_CACHE_DIR to a writable folder with room.",
+        target,
+        reason,
+    )
+    return False
