@@ -93,7 +93,7 @@ wants bench_sampler && step bench_sampler 60 $PY -m pytest "${BENCH[@]}" benchma
 grep -hE "kernel bandwidth|^\| kernel |\| triton \|" "$LOGS"/bench_*.log  # the torch rows are in the logs
 grep -hE "^(dtype|bfloat16) " "$LOGS"/rollout*.log
 grep -sh "^== " "$LOGS/profile.log"
-grep -shE "^(variant|engine|keep-caches)" "$LOGS/capture.log"
+grep -shE "^(variant|engine|torch.cuda.graph)" "$LOGS/capture.log"
 grep -shE "FAILED|^E .*Error" "$LOGS/tests.log" | sort | uniq -c | sort -rn | head -n 15
 grep -sE "raised|SIGSEGV|^#[0-9]+ " "$LOGS/throw_probe.log" | head -n 25
 cat "$LOGS/toolchain.txt" "$LOGS/summary.txt"

@@ -3,7 +3,9 @@
 A small model's decode step is hundreds of short kernel launches; a graph replays them as one. The graph
 reads its inputs from static buffers: a batch is padded up to the nearest bucket, with padding rows that
 write no KV (slot -1) and attend to one token. A graph bakes in the active layers and the cache layout,
-so each new skip set is captured anew: `captures` and `capture_seconds` count that cost.
+so each new skip set is captured anew: `captures` and `capture_seconds` count that cost. To keep it small,
+only the first capture per (bucket, cache layout) runs the step eagerly first (to compile its kernels), and
+captures keep the allocator's caches, which `torch.cuda.graph` empties every time.
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(max_batch, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.last_token_index = torch.arange(max_batch, device=device)
         self._graphs: OrderedDict[tuple, Callable[[], torch.Tensor]] = OrderedDict()
+        self._warm_layouts: set[tuple] = set()  # (bucket, cache layout) whose step has run eagerly
         self._pool = None
+        self._stream: torch.cuda.Stream | None = None
         self.captures = 0
         self.capture_seconds = 0.0
 
@@ -69,10 +73,12 @@ class DecodeGraphs:
         batch = inputs.input_ids.shape[0]
         bucket = next(b for b in self.buckets if b >= batch)
         self._load(inputs, batch, bucket)
-        key = (bucket, plan.active_layers, cache.k.data_ptr(), cache.v.data_ptr(), tuple(cache.k.shape))
+        layout = (bucket, cache.k.data_ptr(), cache.v.data_ptr(), tuple(cache.k.shape))
+        key = (plan.active_layers, *layout)
         replay = self._graphs.get(key)
         if replay is None:
-            replay = self._capture(bucket, plan, cache)
+            replay = self._capture(bucket, plan, cache, warm_up=layout not in self._warm_layouts)
+            self._warm_layouts.add(layout)
             self._graphs[key] = replay
             if len(self._graphs) > self.max_graphs:
                 self._graphs.popitem(last=False)
@@ -102,23 +108,37 @@ class DecodeGraphs:
             context_lens=self.context_lens[:bucket].to(torch.int32),  # inside the graph: one small kernel
         )
 
-    def _capture(self, bucket: int, plan: LayerPlan, cache: PagedKVCache) -> Callable[[], torch.Tensor]:
+    def _capture(
+        self, bucket: int, plan: LayerPlan, cache: PagedKVCache, warm_up: bool
+    ) -> Callable[[], torch.Tensor]:
         start = time.perf_counter()
-        replay = self._record(lambda: self.runner.forward(self._static_inputs(bucket), plan, cache))
+        replay = self._record(lambda: self.runner.forward(self._static_inputs(bucket), plan, cache), warm_up)
         self.captures += 1
         self.capture_seconds += time.perf_counter() - start
         logger.debug("captured decode graph: batch %d, %d active layers", bucket, plan.num_active)
         return replay
 
-    def _record(self, step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-        """Capture `step` into a CUDA graph (after one eager run that compiles its kernels); return its replay."""
-        step()
+    def _record(self, step: Callable[[], torch.Tensor], warm_up: bool) -> Callable[[], torch.Tensor]:
+        """Capture `step` into a CUDA graph and return its replay; `warm_up` first runs it eagerly.
+
+        The eager run compiles the step's kernels and sets up cuBLAS, which must not happen inside a capture;
+        other layers of the same shapes need neither. Unlike `torch.cuda.graph`, this does not empty the
+        device and pinned-host caches first: a capture per new skip set would free the staging buffers the
+        next steps need and make them allocate again.
+        """
+        if warm_up:
+            step()
         torch.cuda.synchronize()
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = step()
+        with torch.cuda.stream(self._stream):
+            graph.capture_begin(self._pool)
+            try:
+                logits = step()
+            finally:
+                graph.capture_end()
         self._pool = graph.pool()
-        torch.cuda.synchronize()
 
         def replay() -> torch.Tensor:
             graph.replay()

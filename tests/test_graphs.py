@@ -20,7 +20,8 @@ PROMPTS = [[5, 9, 17, 33, 8], [3], list(range(10, 47)), [100, 101, 7, 7, 7, 7, 7
 class EagerReplayGraphs(DecodeGraphs):
     """DecodeGraphs whose 'graph' is the captured step run again, for machines without CUDA."""
 
-    def _record(self, step):
+    def _record(self, step, warm_up):
+        self.__dict__.setdefault("warm_ups", []).append(warm_up)
         return step
 
 
@@ -32,7 +33,10 @@ def with_graphs(engine: Engine, max_graph_context: int, **kwargs) -> EagerReplay
 
 def _generate(engine: Engine, skip) -> list[tuple[list[int], list[float]]]:
     # different max_tokens per prompt: sequences finish at different steps, so the batch shrinks
-    params = [SamplingParams(n=3, temperature=1.0, max_tokens=m, ignore_eos=True, seed=i) for i, m in enumerate((9, 4, 13, 6))]
+    params = [
+        SamplingParams(n=3, temperature=1.0, max_tokens=m, ignore_eos=True, seed=i)
+        for i, m in enumerate((9, 4, 13, 6))
+    ]
     outputs = engine.generate(PROMPTS, params, skip=skip)
     return [(c.token_ids, c.logprobs) for out in outputs for c in out.outputs]
 
@@ -67,6 +71,16 @@ def test_one_capture_per_bucket_and_plan():
     engine.generate([PROMPTS[0]], params, skip=[2])
     assert graphs.captures == 2
     assert engine.last_stats.graph_captures == 0 and engine.last_stats.graph_capture_seconds == 0
+
+
+def test_only_a_new_bucket_or_cache_layout_runs_the_step_eagerly_before_capture():
+    """Kernels compile on the eager run; a new skip set of the same size reuses them and the cache layout."""
+    engine = Engine(make_tiny_model("llama"), kv_cache_memory=1 << 22)
+    graphs = with_graphs(engine, max_graph_context=256)
+    for prompts, skip in (([PROMPTS[1]], None), ([PROMPTS[1]], [2]), ([PROMPTS[1]], [1]), (PROMPTS[:2], [1])):
+        engine.generate(prompts, SamplingParams(max_tokens=3, ignore_eos=True), skip=skip)
+    # no skip; one layer fewer (a smaller cache); another layer of the same count; a new bucket
+    assert graphs.warm_ups == [True, True, False, True]
 
 
 def test_padding_rows_never_write_the_cache():
