@@ -3,9 +3,12 @@
 Capturing needs a GPU; here `_record` returns the step itself, so a "replay" runs the very forward a graph
 would hold, on the same padded static buffers. That checks everything but the capture: padding rows write
 no KV and change no output, buckets and keys follow the batch and the skip set, long contexts go eager.
+The capture's own calls are checked against a stand-in for torch.cuda's graph API.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -115,3 +118,63 @@ def test_least_recently_used_graphs_are_evicted():
 def test_cpu_engines_do_not_capture():
     engine = Engine(make_tiny_model("llama"), kv_cache_memory=1 << 22)
     assert engine.graphs is None and not engine.use_cuda_graphs
+
+
+def test_record_captures_on_a_side_stream_into_one_shared_pool(monkeypatch):
+    """`_record`'s CUDA calls, against a stand-in torch.cuda: warm-up, capture, shared pool, replay, errors."""
+    calls = []
+
+    class Graph:
+        made = 0
+
+        def __init__(self):
+            Graph.made += 1
+            self.id = Graph.made
+
+        def capture_begin(self, pool):
+            calls.append(("begin", pool))
+
+        def capture_end(self):
+            calls.append("end")
+
+        def pool(self):
+            return f"pool of graph {self.id}"
+
+        def replay(self):
+            calls.append(("replay", self.id))
+
+    @contextlib.contextmanager
+    def stream(side_stream):
+        calls.append(("on", side_stream))
+        try:
+            yield
+        finally:
+            calls.append("off")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: "side stream")
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append("sync"))
+    graphs = DecodeGraphs(runner=None, max_batch=4, max_blocks_per_seq=2, device=torch.device("cpu"))
+    logits = torch.ones(2)
+
+    def step():
+        calls.append("step")
+        return logits
+
+    first = graphs._record(step, warm_up=True)
+    second = graphs._record(step, warm_up=False)
+    assert calls == [
+        *("step", "sync", ("on", "side stream"), ("begin", None), "step", "end", "off"),
+        *("sync", ("on", "side stream"), ("begin", "pool of graph 1"), "step", "end", "off"),
+    ]
+    calls.clear()
+    assert second() is logits and first() is logits and calls == [("replay", 2), ("replay", 1)]
+
+    def failing_step():
+        raise RuntimeError("kernel launch failed")
+
+    calls.clear()
+    with pytest.raises(RuntimeError, match="kernel launch failed"):
+        graphs._record(failing_step, warm_up=False)
+    assert calls[-3:] == [("begin", "pool of graph 2"), "end", "off"]  # ended: the stream is usable again
