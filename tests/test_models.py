@@ -215,4 +215,5 @@ def test_a_full_disk_loads_the_gguf_from_memory_with_a_warning(embedded_cache, t
     assert list(tmp_path.iterdir()) == []
     assert "1 MiB free" in caplog.text and "NREFT_CACHE_DIR" in caplog.text
     assert loaded.dtype == torch.bfloat16 and not loaded.training
+    assert prepare_model(loaded) == prepare_model(model)
     assert_same_model(model.to(torch.bfloat16), tokenizer, loaded, loaded_tokenizer)
