@@ -153,11 +153,15 @@ def test_unreachable_hub_id(monkeypatch):
 
 @pytest.fixture(scope="module")
 def embedded_cache(tmp_path_factory):
-    """The embedded model loaded once into an empty cache: (cache dir, model, tokenizer, seconds taken)."""
+    """The embedded model loaded once into an empty cache: (cache dir, model, tokenizer, seconds taken).
+
+    The cache (over 500 MB) is removed afterwards rather than left among pytest's kept temp folders.
+    """
     cache_dir = tmp_path_factory.mktemp("gguf-cache")
     start = time.perf_counter()
     model, tokenizer = load_model(DEFAULT_MODEL, cache_dir=str(cache_dir))
-    return cache_dir, model, tokenizer, time.perf_counter() - start
+    yield cache_dir, model, tokenizer, time.perf_counter() - start
+    shutil.rmtree(cache_dir)
 
 
 def assert_same_model(model, tokenizer, other, other_tokenizer):
@@ -202,6 +206,7 @@ def test_a_reinstalled_gguf_file_reuses_the_cache(embedded_cache, tmp_path, monk
 
     monkeypatch.setattr(loader, "_convert_gguf", no_conversion)
     loaded, loaded_tokenizer = load_model(str(copy), cache_dir=str(cache_dir))
+    copy.unlink()
     assert sorted(cache_dir.iterdir()) == entries
     assert_same_model(model, tokenizer, loaded, loaded_tokenizer)
 
