@@ -1,14 +1,14 @@
 """What capturing a decode graph for a new skip set costs, the engine's way and `torch.cuda.graph`'s way.
 
 Every `generate` with a fresh skip set captures one CUDA graph per batch bucket it passes through: 14-36 ms
-each on an H200 in session 5 (35 ms of a 128-token batch-1 rollout's 298 ms), when every capture ran the
-step eagerly first and went through `torch.cuda.graph`. This times both ways on new skip sets at batch 1
-and 64, and checks that each way's graphs give the eager engine's tokens:
+each on an H200 at 9881875 (2026-11-27; 35 ms of a 128-token batch-1 rollout's 298 ms), when every capture
+ran the step eagerly first and went through `torch.cuda.graph`. This times both ways on new skip sets at
+batch 1 and 64, and checks that each way's graphs give the eager engine's tokens:
 
   engine            DecodeGraphs._record: the eager run only on a (bucket, cache layout)'s first capture,
                     and the allocator's caches kept
   torch.cuda.graph  an eager run before every capture, and the device and pinned-host caches emptied
-                    first, as `torch.cuda.graph` does (the engine's way until session 6)
+                    first, as `torch.cuda.graph` does (the engine's way before 6942720)
 
     python benchmarks/graph_capture.py [--model random:qwen2.5-1.5b] [--plans 4]
 """

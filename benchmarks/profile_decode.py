@@ -1,8 +1,8 @@
 """Where a decode step's time goes: torch.profiler over a short rollout, GPU busy time against wall time.
 
 Warms the engine up on the measured shape, then profiles one generate call per (batch, skip ratio) and prints
-wall ms per step, device ms per step (the kernels' own time, summed) and the top device-time entries. A step
-whose device time is well under its wall time waits on the host; one near it is bound by its kernels.
+wall ms per step, device ms per step (the kernels' own time, summed) and the top entries by kernel time. A
+step whose device ms are well under its wall ms waits on the host; one near it is bound by its kernels.
 
     python benchmarks/profile_decode.py --device cuda --model random:qwen2.5-1.5b --dtype bfloat16
 """
@@ -21,7 +21,9 @@ from nreft_engine.bench import measure_engine
 CASES = ((16, 4), (1, 1))  # (prompts, n): 64 sequences and batch 1, as in rollout_throughput.py
 
 
-def profile_case(engine: Engine, prompts: list[list[int]], n: int, max_tokens: int, skip_ratio: float, top: int) -> None:
+def profile_case(
+    engine: Engine, prompts: list[list[int]], n: int, max_tokens: int, skip_ratio: float, top: int
+) -> None:
     measure_engine(engine, prompts, n, max_tokens, skip_ratio)  # captures this skip set's graphs
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
@@ -29,9 +31,12 @@ def profile_case(engine: Engine, prompts: list[list[int]], n: int, max_tokens: i
     events = prof.key_averages()
     device_us = sum(e.self_device_time_total for e in events)
     steps = max_tokens
-    print(f"\n== {len(prompts) * n} sequences, skip {skip_ratio}: {row['seconds'] * 1e3 / steps:.3f} ms wall per step, "
-          f"{device_us / 1e3 / steps:.3f} ms device per step ({device_us / 1e4 / row['seconds']:.0f}% busy)")
-    print(events.table(sort_by="self_device_time_total" if device_us else "self_cpu_time_total", row_limit=top))
+    print(f"\n== {len(prompts) * n} sequences, skip {skip_ratio}: "
+          f"{row['seconds'] * 1e3 / steps:.3f} ms wall per step, "
+          f"{device_us / 1e3 / steps:.3f} ms device per step "
+          f"({device_us / 1e4 / row['seconds']:.0f}% busy)")
+    sort_by = "self_device_time_total" if device_us else "self_cpu_time_total"
+    print(events.table(sort_by=sort_by, row_limit=top))
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+
 from nreft_engine.kernels import cpu
 from nreft_engine.kernels.activation import silu_and_mul_reference
 from nreft_engine.kernels.paged_attention import paged_decode_attention_reference
@@ -103,8 +104,12 @@ def run(dtype: torch.dtype, batch: int, gen: torch.Generator) -> None:
         torch.full((batch,), 0.05),
     )
     uniform = torch.rand(batch, generator=gen)
-    shapes = [(hidden + 2 * kv_heads * dim, hidden), (hidden, heads * dim), (2 * inter, hidden), (hidden, inter)]
-    weights = [(torch.randn(o, i, generator=gen) / 32).to(dtype) for o, i in shapes * layers + [(vocab, hidden)]]
+    shapes = [
+        (hidden + 2 * kv_heads * dim, hidden), (hidden, heads * dim), (2 * inter, hidden), (hidden, inter)
+    ]
+    weights = [
+        (torch.randn(o, i, generator=gen) / 32).to(dtype) for o, i in shapes * layers + [(vocab, hidden)]
+    ]
     packed = [cpu.pack_linear_weight(w) for w in weights]
     inputs = {i: torch.randn(batch, i, generator=gen).to(dtype) for _, i in shapes}
     cases = [  # (name, reference, C++, calls per decode step)

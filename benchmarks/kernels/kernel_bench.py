@@ -23,6 +23,7 @@ import time
 
 import pytest
 import torch
+
 from nreft_engine.kernels import cpu as cpu_kernels
 
 HAS_CUDA = torch.cuda.is_available()
@@ -48,7 +49,9 @@ IMPLS = [
     "torch",
     pytest.param(
         "cpu",
-        marks=pytest.mark.skipif(HAS_CUDA, reason="the C++ CPU kernels are timed where the benchmark runs on the CPU"),
+        marks=pytest.mark.skipif(
+            HAS_CUDA, reason="the C++ CPU kernels are timed where the benchmark runs on the CPU"
+        ),
     ),
     pytest.param(
         "triton",
@@ -182,7 +185,7 @@ def run_benchmark(
     SUMMARY.append({"name": benchmark.name.split("[")[0].removeprefix("test_"), "seconds": seconds, **info})
 
 
-SUMMARY: list[dict] = []  # one row per benchmark run, for the table printed at the end of the session
+SUMMARY: list[dict] = []  # one row per benchmark run, for the table printed when pytest finishes
 
 
 def summary_table(rows: list[dict]) -> list[str]:
@@ -192,15 +195,17 @@ def summary_table(rows: list[dict]) -> list[str]:
     )
     lines = [
         (
-            f"| kernel | shape | impl | timing | median us | GB/s | of copy BW | x{BACK_TO_BACK} in a graph: us per"
-            " call | of copy BW |"
+            f"| kernel | shape | impl | timing | median us | GB/s | of copy BW "
+            f"| x{BACK_TO_BACK} in a graph: us per call | of copy BW |"
         ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         shape = " ".join(f"{k}={r[k]}" for k in shape_keys if k in r)
         b2b = (
-            f"{r['back_to_back_us']:.1f} | {100 * r['back_to_back_fraction']:.1f}%" if "back_to_back_us" in r else " | "
+            f"{r['back_to_back_us']:.1f} | {100 * r['back_to_back_fraction']:.1f}%"
+            if "back_to_back_us" in r
+            else " | "
         )
         lines.append(
             f"| {r['name']} | {shape} | {r['impl']} | {r.get('timing', 'wall')} | {r['seconds'] * 1e6:.1f} "

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from kernel_bench import BATCHES, DEVICE, DTYPE, IMPLS, MODELS, kernel, run_benchmark
+
 from nreft_engine.kernels import activation, rms_norm, rope
 from nreft_engine.kernels.rope import rope_cos_sin
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from kernel_bench import BATCHES, CONTEXTS, DEVICE, DTYPE, IMPLS, MODELS, kernel, run_benchmark
+
 from nreft_engine.kernels import paged_attention
 
 ES = torch.finfo(DTYPE).bits // 8
@@ -18,9 +19,9 @@ def test_paged_decode_attention(benchmark, copy_bandwidth, model, batch, context
            context, impl=impl)
 
 
-# (tokens per split, tile, warps, pipeline stages). On an H200 (session 5) every setting ran 42.4-61.1 us per
-# call in a graph; the best (1024, 128, 8, 3) was within noise of the default (512, 64, 4, 3), and one split
-# of 2048 (no merge launch) was slower: see benchmarks/RESULTS.md.
+# (tokens per split, tile, warps, pipeline stages). On an H200 (2026-11-27, at 9881875) every setting ran
+# 42.4-61.1 us per call in a graph; the best (1024, 128, 8, 3) was within noise of the default
+# (512, 64, 4, 3), and one split of 2048 (no merge launch) was slower: see benchmarks/RESULTS.md.
 SWEEP = [
     (512, 64, 4, 3),
     (512, 64, 8, 3),

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from kernel_bench import DEVICE, DTYPE, FULL, IMPLS, MODELS, kernel, run_benchmark
+
 from nreft_engine.kernels import prefill_attention
 
 ES = torch.finfo(DTYPE).bits // 8

@@ -4,6 +4,7 @@ and plain (temperature 1 alone, how RL rollouts sample)."""
 import pytest
 import torch
 from kernel_bench import BATCHES, DEVICE, IMPLS, MODELS, kernel, run_benchmark
+
 from nreft_engine.kernels import sampler
 
 FILTERS = {"filtered": (0.7, 50, 0.9, 0.05), "plain": (1.0, 0, 1.0, 0.0)}  # temperature, top-k, top-p, min-p

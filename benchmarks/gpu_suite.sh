@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Issue 3's GPU checks in one device call: build the CUDA extension, run the kernel and CUDA tests on the
-# GPU (no interpreter), the rollout benchmark on a Qwen2.5-1.5B-shaped random model (bf16, batch 64 and 1,
-# skip 0 / 0.25 / 0.5, HF generate on the same GPU), and the kernel micro-benchmarks. Each step has its own
-# time limit, so one that hangs or fails leaves the others their time. Logs and JSON are kept in
-# $OUT/logs.tgz (refreshed after every step: the device tool returns few files); the tables and a one-line
-# summary per step are printed last. Usage: bash benchmarks/gpu_session.sh [STEP...]: the named steps only
-# (build tests rollout profile capture probe bench_paged rollout_1layer bench_other bench_sampler; default: all
-# but bench_sampler, which bench_other includes).
+# The GPU checks in one run: build the CUDA extension, run the kernel and CUDA tests on the GPU (no
+# interpreter), the rollout benchmark on a Qwen2.5-1.5B-shaped random model (bf16, batch 64 and 1, skip 0 /
+# 0.25 / 0.5, HF generate on the same GPU), the decode profile, the graph-capture benchmark and the kernel
+# micro-benchmarks. Each step has its own time limit, so one that hangs or fails leaves the others their
+# time. Logs and JSON are kept in $OUT/logs.tgz (refreshed after every step, so a run cut short keeps what
+# it has); the tables and a one-line summary per step are printed last. Usage: bash benchmarks/gpu_suite.sh
+# [STEP...]: the named steps only (build tests rollout profile capture probe bench_paged rollout_1layer
+# bench_other bench_sampler; default: all but bench_sampler, which bench_other includes).
 set -u
 STEPS=${*:-build tests rollout profile capture probe bench_paged rollout_1layer bench_other}
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -60,8 +60,8 @@ import torch
 from nreft_engine import _C
 cases = {
     "torch op": lambda: torch.empty(4).view(3),
-    "_C TORCH_CHECK": lambda: _C.write_kv(torch.zeros(2), torch.zeros(2), torch.zeros(1, 1, 1, 2),
-                                          torch.zeros(1, 1, 1, 2), torch.zeros(2, dtype=torch.long)),
+    "_C TORCH_CHECK": lambda: _C.copy_blocks(torch.zeros(1, 1, 1, 1, 2), torch.zeros(1, 1, 1, 1, 2),
+                                             torch.tensor([[0, 5]])),  # block id 5 of 1: out of range
     "_C std::invalid_argument": lambda: _C.BlockManager(-1, 16),
     "_C UnknownSequence": lambda: _C.BlockManager(4, 16).free(123),
 }
