@@ -21,6 +21,7 @@ run: $(STAMP)
 	$(VENV)/bin/nreft train --model smollm2-135m-instruct
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)

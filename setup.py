@@ -12,7 +12,6 @@ import torch
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-
 CXX_FLAGS = ["-O3", "-fopenmp"]
 
 
@@ -46,4 +45,7 @@ def extension():
     return CppExtension("nreft_engine._C", cpp, extra_compile_args=CXX_FLAGS, extra_link_args=["-fopenmp"])
 
 
-setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtensionSharedLibstdcxx.with_options(use_ninja=True)})
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtensionSharedLibstdcxx.with_options(use_ninja=True)},
+)

@@ -1,4 +1,4 @@
-"""Rollout throughput: HF transformers `generate` vs the engine (skip 0, 0.25, 0.5), one process, one workload.
+"""Rollout throughput: HF transformers `generate` vs the engine (skip 0, 0.25, 0.5), one process and workload.
 
 16 chat prompts x n=4 samples x 128 new tokens (EOS ignored), and batch 1 (one prompt, n=1) in the first
 dtype. Default: SmolLM2-135M on the CPU in fp32 and bf16. Prints generated tokens/s, KV bytes and ratios,
@@ -16,12 +16,11 @@ import os
 import platform
 
 import torch
-
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from nreft_engine import Engine
 from nreft_engine.bench import chat_workload, measure_engine, measure_hf
-from nreft_engine.models.loader import load_model
+from nreft_engine.models.loader import DEFAULT_MODEL, load_model
 
 SKIP_RATIOS = (0.0, 0.25, 0.5)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -57,7 +56,8 @@ def workload(tokenizer, num_prompts: int, vocab_size: int) -> list[list[int]]:
     if tokenizer is not None:
         return chat_workload(tokenizer, num_prompts)
     gen = torch.Generator().manual_seed(0)
-    return [torch.randint(0, vocab_size, (33 + (7 * i) % 23,), generator=gen).tolist() for i in range(num_prompts)]
+    lengths = [33 + (7 * i) % 23 for i in range(num_prompts)]
+    return [torch.randint(0, vocab_size, (length,), generator=gen).tolist() for length in lengths]
 
 
 # engine variants timed beside the default one (skip 0 and 0.25): label -> Engine options
@@ -65,7 +65,13 @@ VARIANTS = {"sync": {"async_scheduling": False}, "prepacked": {"prepack_weights"
 
 
 def run_case(
-    model, tokenizer, dtype_name: str, num_prompts: int, n: int, max_tokens: int, variants: tuple[str, ...] = (),
+    model,
+    tokenizer,
+    dtype_name: str,
+    num_prompts: int,
+    n: int,
+    max_tokens: int,
+    variants: tuple[str, ...] = (),
     **engine_options,
 ) -> list[dict]:
     prompts = workload(tokenizer, num_prompts, model.config.vocab_size)
@@ -82,17 +88,22 @@ def run_case(
     measure_hf(model, prompts, n, 8, pad)
     rows = [{"system": "hf", **measure_hf(model, prompts, n, max_tokens, pad)}]
     for ratio in SKIP_RATIOS:
-        rows.append({"system": f"engine skip {ratio}", **measure_engine(engine, prompts, n, max_tokens, ratio)})
+        result = measure_engine(engine, prompts, n, max_tokens, ratio)
+        rows.append({"system": f"engine skip {ratio}", **result})
     del engine
     for label in variants:
         engine = warm_engine(**VARIANTS[label])
         for ratio in SKIP_RATIOS[:2]:
-            rows.append({"system": f"{label} skip {ratio}", **measure_engine(engine, prompts, n, max_tokens, ratio)})
+            result = measure_engine(engine, prompts, n, max_tokens, ratio)
+            rows.append({"system": f"{label} skip {ratio}", **result})
         del engine
     for row in rows:
         row.update(dtype=dtype_name, sequences=num_prompts * n, max_tokens=max_tokens)
-        graphs = f", {row['graph_captures']} graphs in {row['graph_capture_seconds']:.2f} s" if row.get("graph_captures") else ""
-        print(f"  {dtype_name} x{num_prompts * n} {row['system']}: {row['tokens_per_second']:.1f} tok/s{graphs}", flush=True)
+        graphs = ""
+        if row.get("graph_captures"):
+            graphs = f", {row['graph_captures']} graphs in {row['graph_capture_seconds']:.2f} s"
+        case = f"{dtype_name} x{num_prompts * n} {row['system']}"
+        print(f"  {case}: {row['tokens_per_second']:.1f} tok/s{graphs}", flush=True)
     return rows
 
 
@@ -105,8 +116,8 @@ def print_table(rows: list[dict]) -> None:
     hf = by_case("hf", "tokens_per_second")
     base = by_case("engine skip 0.0", "tokens_per_second")
     base_steady = by_case("engine skip 0.0", "steady_decode_tokens_per_second")
-    print(f"{'dtype':9} {'seqs':>4} {'system':18} {'tok/s':>8} {'x HF':>6} {'x skip0':>7} {'decode tok/s':>12} "
-          f"{'steady tok/s':>12} {'x skip0':>7} {'KV MiB':>8} {'graphs':>6}")
+    print(f"{'dtype':9} {'seqs':>4} {'system':18} {'tok/s':>8} {'x HF':>6} {'x skip0':>7} "
+          f"{'decode tok/s':>12} {'steady tok/s':>12} {'x skip0':>7} {'KV MiB':>8} {'graphs':>6}")
     for r in rows:
         key = (r["dtype"], r["sequences"])
         if "decode_tokens_per_second" in r:
@@ -122,18 +133,23 @@ def print_table(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8 new tokens instead of 128 (a smoke run)")
-    parser.add_argument("--model", default="smollm2-135m-instruct",
+    parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"a load_model name/path, or random:<shape> ({', '.join(RANDOM_SHAPES)})")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES),
                         help="64-sequence case in each; batch 1 in the first")
-    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (the engine's own option)")
-    parser.add_argument("--no-async", action="store_true", help="no async scheduling (the engine's own option)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="no CUDA graphs (the engine's own option)")
+    parser.add_argument("--no-async", action="store_true",
+                        help="no async scheduling (the engine's own option)")
     parser.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS),
                         help="also time skip 0 and 0.25 with async scheduling off ('sync') or with q/k/v and "
-                        "gate/up weights fused into copies ('prepacked'; the CPU default where memory allows)")
-    parser.add_argument("--layers", type=int, help="random:<shape> with this many layers (1: the per-step fixed cost)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "rollout_throughput.json"))
+                        "gate/up weights fused into copies ('prepacked'; the CPU default where memory "
+                        "allows)")
+    parser.add_argument("--layers", type=int,
+                        help="random:<shape> with this many layers (1: the per-step fixed cost)")
+    parser.add_argument("--out",
+                        default=os.path.join(os.path.dirname(__file__), "results", "rollout_throughput.json"))
     args = parser.parse_args()
     max_tokens = 8 if args.quick else 128
     rows = []
@@ -149,7 +165,10 @@ def main() -> None:
     print_table(rows)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
+        if args.device.startswith("cuda"):
+            device = torch.cuda.get_device_name()
+        else:
+            device = platform.processor() or platform.machine()
         json.dump({"machine": device, "model": args.model, "threads": torch.get_num_threads(),
                    "torch": torch.__version__, "rows": rows}, f, indent=2)
     print(f"wrote {args.out}")

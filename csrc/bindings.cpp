@@ -45,9 +45,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("num_used_blocks", &BlockManager::num_used_blocks)
       .def_property_readonly("num_sequences", &BlockManager::num_sequences);
 
-  m.def("write_kv", &nreft::write_kv, py::arg("k"), py::arg("v"), py::arg("k_cache_layer"),
-        py::arg("v_cache_layer"), py::arg("slot_mapping"),
-        "Write k, v [T, KVH, D] into [num_blocks, block_size, KVH, D] caches at slot_mapping (< 0 skips).");
   m.def("copy_blocks", &nreft::copy_blocks, py::arg("k_cache"), py::arg("v_cache"), py::arg("src_dst"),
         "Copy block src to dst in every layer of [L, num_blocks, block_size, KVH, D] caches.");
 #ifdef NREFT_WITH_CUDA

@@ -30,7 +30,8 @@ from nreft_engine.kernels.sampler import sample_reference
 
 _DTYPES = (torch.float32, torch.bfloat16)
 PACKED_LINEAR_DTYPES = _DTYPES
-# Most rows for which the small-batch kernel beats oneDNN (2-core Zen 4, SmolLM2 shapes; benchmarks/RESULTS.md)
+# Most rows for which the small-batch kernel beats oneDNN (2-core Zen 4, SmolLM2 shapes;
+# benchmarks/RESULTS.md)
 ROWS16_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 4}
 
 __all__ = [
@@ -76,9 +77,13 @@ class PackedLinear(NamedTuple):
 def pack_linear_weight(weight: torch.Tensor) -> PackedLinear:
     """`weight` [out, in] (float32 / bfloat16) copied into both layouts of `PackedLinear`."""
     if weight.dtype not in PACKED_LINEAR_DTYPES or weight.dim() != 2:
-        raise ValueError(f"can only pack 2-D float32/bfloat16 weights, got {weight.dtype} {tuple(weight.shape)}")
+        raise ValueError(
+            f"can only pack 2-D float32/bfloat16 weights, got {weight.dtype} {tuple(weight.shape)}"
+        )
     weight = weight.detach().contiguous()
-    return PackedLinear(torch.ops.mkldnn._reorder_linear_weight(weight), _C.pack_rows16(weight), weight.shape[0])
+    return PackedLinear(
+        torch.ops.mkldnn._reorder_linear_weight(weight), _C.pack_rows16(weight), weight.shape[0]
+    )
 
 
 def linear_packed(x: torch.Tensor, weight: PackedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,9 +1,13 @@
-"""Paged decode attention (one query token per sequence over its block table): the torch reference."""
+"""Paged decode attention (one query token per sequence over its block table): torch reference."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from nreft_engine.kernels.attention_dot import LOG2E, attention_dot, online_softmax_step
 
 
 def paged_decode_attention_reference(
@@ -14,7 +18,8 @@ def paged_decode_attention_reference(
     context_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Attention of q [B, H, D] over each sequence's first context_lens[b] cached tokens; returns [B, H, D]."""
+    """Attention of q [B, H, D] over each sequence's first context_lens[b] cached tokens; returns
+    [B, H, D]."""
     batch, heads, dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     width = -(-int(context_lens.max()) // block_size)
@@ -32,11 +37,6 @@ def paged_decode_attention_reference(
 # --------------------------------------------------------------------------------------------------
 # Triton kernels: split-KV flash-decoding (stage 1) + log-sum-exp merge of the splits (stage 2)
 # --------------------------------------------------------------------------------------------------
-
-import triton
-import triton.language as tl
-
-from nreft_engine.kernels.attention_dot import LOG2E, attention_dot, online_softmax_step
 
 
 @triton.jit

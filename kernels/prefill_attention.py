@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+try:  # optional extra: `pip install nreft-engine[flash]`
+    from flash_attn import flash_attn_varlen_func as _flash_varlen
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    _flash_varlen = None
+
+from nreft_engine.kernels.attention_dot import LOG2E, attention_dot, online_softmax_step
 
 
 def prefill_attention_reference(
@@ -27,16 +36,6 @@ def prefill_attention_reference(
 # --------------------------------------------------------------------------------------------------
 # Triton kernel (flash-attention forward over packed varlen prompts) + flash-attn when importable
 # --------------------------------------------------------------------------------------------------
-
-import triton
-import triton.language as tl
-
-try:  # optional extra: `pip install nreft-engine[flash]`
-    from flash_attn import flash_attn_varlen_func as _flash_varlen
-except Exception:  # noqa: BLE001 - any import failure means "not available"
-    _flash_varlen = None
-
-from nreft_engine.kernels.attention_dot import LOG2E, attention_dot, online_softmax_step
 
 
 @triton.jit

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 
 def rms_norm_reference(
@@ -19,9 +21,6 @@ def rms_norm_reference(
 # --------------------------------------------------------------------------------------------------
 # Triton kernel
 # --------------------------------------------------------------------------------------------------
-
-import triton
-import triton.language as tl
 
 
 @triton.jit

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 
 def rope_cos_sin(
@@ -54,9 +56,6 @@ def rope_write_kv_reference(
 # --------------------------------------------------------------------------------------------------
 # Triton kernel
 # --------------------------------------------------------------------------------------------------
-
-import triton
-import triton.language as tl
 
 
 @triton.jit

@@ -8,6 +8,8 @@ Sampling is inverse-CDF over the kept tokens in vocabulary order with one given 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 
 def filter_logits(
@@ -89,9 +91,6 @@ def sample_reference(
 # Then one pass for the normalizer and, for inverse-CDF sampling in vocab order, one early-exit pass over
 # the tiles' sums to find the tile of the draw, whose tokens are then scanned.
 # --------------------------------------------------------------------------------------------------
-
-import triton
-import triton.language as tl
 
 # A program handles ROWS rows as one [ROWS, BLOCK] tile (ROWS = 1 on the GPU: a row per program; more
 # under the CPU interpreter, whose cost is per op, not per element). Every loop runs until all its rows are
@@ -350,7 +349,8 @@ def _sample_kernel(
     NUM_CHUNKS_P2: tl.constexpr,
 ):
     """A program whose rows are all plain samples them from the chunk stats; any other program walks its
-    rows (right for plain rows too). Both paths then share the greedy choice, the fallback and the log-prob."""
+    rows (right for plain rows too). Both paths then share the greedy choice, the fallback and the
+    log-prob."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask = rows < n_rows
     row_ptr = logits_ptr + rows.to(tl.int64) * stride_row
@@ -364,7 +364,8 @@ def _sample_kernel(
     filtered = ((top_k > 0) & (top_k < vocab)) | (top_p < 1.0) | (min_p > 0.0)
     if tl.max((filtered & rmask).to(tl.int32), axis=0) == 0:
         m, arg, thresh, log_z, token = _plain_rows(
-            row_ptr, rows, rmask, t, u, vocab, cmax_ptr, carg_ptr, csum_ptr, num_chunks, ROWS, CHUNK, NUM_CHUNKS_P2
+            row_ptr, rows, rmask, t, u, vocab, cmax_ptr, carg_ptr, csum_ptr, num_chunks,
+            ROWS, CHUNK, NUM_CHUNKS_P2
         )
     else:
         m, arg, thresh, log_z, token = _filtered_rows(

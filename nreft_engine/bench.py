@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from nreft_engine.engine import Engine
-from nreft_engine.sampling import SamplingParams
-from nreft_engine.skip import SkipPolicy
+from nreft_engine import Engine, SamplingParams, SkipPolicy
+from nreft_engine.cache import kv_cache_bytes
+from nreft_engine.chat import chat_prompt_ids
 
 QUESTIONS = [
     "What is 17 + 25? Explain step by step.",
@@ -30,16 +31,14 @@ QUESTIONS = [
 ]
 
 
-def chat_workload(tokenizer, num_prompts: int) -> list[list[int]]:
+def chat_workload(tokenizer: PreTrainedTokenizerBase, num_prompts: int) -> list[list[int]]:
     """The first `num_prompts` questions (cycled) as chat-templated token ids."""
-    prompts = []
-    for i in range(num_prompts):
-        messages = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
-        prompts.append(list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]))
-    return prompts
+    return [chat_prompt_ids(tokenizer, QUESTIONS[i % len(QUESTIONS)]) for i in range(num_prompts)]
 
 
-def measure_engine(engine: Engine, prompts: list[list[int]], n: int, max_tokens: int, skip_ratio: float, seed: int = 0) -> dict:
+def measure_engine(
+    engine: Engine, prompts: list[list[int]], n: int, max_tokens: int, skip_ratio: float, seed: int = 0
+) -> dict:
     """Generate with EOS ignored (exactly n x max_tokens tokens per prompt); return tokens/s and KV bytes."""
     params = SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens, ignore_eos=True, seed=seed)
     skip = SkipPolicy(skip_ratio, seed=seed) if skip_ratio > 0 else None
@@ -52,7 +51,9 @@ def measure_engine(engine: Engine, prompts: list[list[int]], n: int, max_tokens:
         "tokens": stats.generated_tokens,
         "seconds": seconds,
         "tokens_per_second": stats.generated_tokens / seconds,
-        "decode_tokens_per_second": stats.decode_tokens / stats.decode_seconds if stats.decode_seconds else 0.0,
+        "decode_tokens_per_second": (
+            stats.decode_tokens / stats.decode_seconds if stats.decode_seconds else 0.0
+        ),
         # the decode steps alone: graph captures (a new skip set's, inside its first steps) taken out
         "steady_decode_tokens_per_second": stats.decode_tokens / steady if steady > 0 else 0.0,
         "kv_cache_bytes": stats.kv_cache_bytes,
@@ -65,7 +66,14 @@ def measure_engine(engine: Engine, prompts: list[list[int]], n: int, max_tokens:
 
 
 @torch.inference_mode()
-def measure_hf(model, prompts: list[list[int]], n: int, max_tokens: int, pad_token_id: int, seed: int = 0) -> dict:
+def measure_hf(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    n: int,
+    max_tokens: int,
+    pad_token_id: int,
+    seed: int = 0,
+) -> dict:
     """HF `generate` on the same workload: left-padded batch of every prompt repeated n times, EOS ignored."""
     rows = [p for p in prompts for _ in range(n)]
     width = max(len(r) for r in rows)
@@ -85,6 +93,9 @@ def measure_hf(model, prompts: list[list[int]], n: int, max_tokens: int, pad_tok
         torch.cuda.synchronize(out.device)
     seconds = time.perf_counter() - start
     tokens = (out.shape[1] - width) * len(rows)
-    kv_bytes = 2 * model.config.num_hidden_layers * len(rows) * out.shape[1] * model.config.num_key_value_heads * (
-        model.config.hidden_size // model.config.num_attention_heads) * next(model.parameters()).element_size()
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds, "kv_cache_bytes": kv_bytes}
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    kv_bytes = kv_cache_bytes(config.num_hidden_layers, len(rows) * out.shape[1], config.num_key_value_heads,
+                              head_dim, next(model.parameters()).element_size())
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
+            "kv_cache_bytes": kv_bytes}

@@ -34,30 +34,29 @@ def resolve_budget(kv_cache_memory: float | int, device: torch.device) -> int:
     return kv_cache_memory
 
 
-class PagedKVCache:
-    """K/V block storage for `num_active_layers` layers plus the block manager that hands blocks out."""
+def kv_cache_bytes(num_layers: int, num_tokens: int, num_kv_heads: int, head_dim: int, itemsize: int) -> int:
+    """KV bytes of `num_tokens` cached tokens: layers x tokens x 2 (K, V) x KV heads x head dim x itemsize."""
+    return num_layers * num_tokens * 2 * num_kv_heads * head_dim * itemsize
 
-    def __init__(self, buffer: torch.Tensor, num_active_layers: int, block_size: int, kv_heads: int, head_dim: int):
+
+class PagedKVCache:
+    """K/V block storage for `num_active_layers` layers, laid out over a reserved buffer."""
+
+    def __init__(
+        self, buffer: torch.Tensor, num_active_layers: int, block_size: int, kv_heads: int, head_dim: int
+    ):
         self.block_size = block_size
-        block_elems = num_active_layers * block_size * kv_heads * head_dim
-        self.num_blocks = buffer.numel() // (2 * block_elems)
+        itemsize = buffer.element_size()
+        block_bytes = kv_cache_bytes(num_active_layers, block_size, kv_heads, head_dim, itemsize)
+        self.num_blocks = buffer.numel() * itemsize // block_bytes
         if self.num_blocks < 1:
             raise ValueError(
-                f"the KV cache budget ({buffer.numel() * buffer.element_size()} bytes) holds no block of "
+                f"the KV cache budget ({buffer.numel() * itemsize} bytes) holds no block of "
                 f"{block_size} tokens for {num_active_layers} layers; raise kv_cache_memory"
             )
         shape = (num_active_layers, self.num_blocks, block_size, kv_heads, head_dim)
-        used = buffer[: 2 * self.num_blocks * block_elems].view(2, *shape)
+        used = buffer[: self.num_blocks * block_bytes // itemsize].view(2, *shape)
         self.k, self.v = used[0], used[1]
-        self.blocks = _C.BlockManager(self.num_blocks, block_size)
-
-    @staticmethod
-    def bytes_for(
-        num_blocks: int, num_active_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype
-    ) -> int:
-        """KV bytes = active layers x blocks x block size x 2 x KV heads x head dim x dtype size."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return num_active_layers * num_blocks * block_size * 2 * kv_heads * head_dim * itemsize
 
     @property
     def nbytes(self) -> int:

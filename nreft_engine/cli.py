@@ -7,41 +7,29 @@ import json
 import logging
 import sys
 
-import torch
-
+from nreft_engine import Engine, SamplingParams, SkipPolicy
+from nreft_engine.bench import chat_workload, measure_engine
+from nreft_engine.chat import chat_text, has_chat_template
+from nreft_engine.cli_args import DTYPES, add_model_arguments
 from nreft_engine.train.command import add_train_arguments, run_train
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-
-def chat_prompt(tokenizer, text: str) -> str | list[int]:
-    """Apply the tokenizer's chat template to a user message when it has one; else the raw text."""
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
-    return text
-
-
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded name, HF dir, GGUF file or hub id")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--kv-cache-memory", type=float, default=0.1, help="fraction of free memory (<=1) or bytes")
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
     parser.add_argument("--block-size", type=int, default=16)
 
 
-def _make_engine(args: argparse.Namespace):
-    from nreft_engine import Engine
-
-    memory = args.kv_cache_memory if args.kv_cache_memory <= 1 else int(args.kv_cache_memory)
+def _make_engine(args: argparse.Namespace) -> Engine:
     return Engine.from_pretrained(
-        args.model, dtype=DTYPES[args.dtype], kv_cache_memory=memory, block_size=args.block_size
+        args.model, dtype=DTYPES[args.dtype], kv_cache_memory=args.kv_cache_memory, block_size=args.block_size
     )
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from nreft_engine import SamplingParams, SkipPolicy
-
     engine = _make_engine(args)
-    prompts = [p if args.raw else chat_prompt(engine.tokenizer, p) for p in args.prompt]
+    # without a chat template (or with --raw) the message goes to the model as it is
+    templated = not args.raw and has_chat_template(engine.tokenizer)
+    prompts = [chat_text(engine.tokenizer, p) if templated else p for p in args.prompt]
     params = SamplingParams(
         n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         max_tokens=args.max_tokens, seed=args.seed,
@@ -63,19 +51,19 @@ def _generate(args: argparse.Namespace) -> int:
             print(f"--- sample {c.index} ({len(c.token_ids)} tokens, {c.finish_reason}, "
                   f"logprob {c.cumulative_logprob:.2f})\n{c.text}")
     print(f"\nskipped layers ({len(stats.skipped_layers)}/{engine.num_layers}): {list(stats.skipped_layers)}")
-    print(f"generated {stats.generated_tokens} tokens in {stats.seconds:.2f} s: {stats.tokens_per_second:.1f} tok/s; "
+    print(f"generated {stats.generated_tokens} tokens in {stats.seconds:.2f} s: "
+          f"{stats.tokens_per_second:.1f} tok/s; "
           f"KV cache {stats.kv_cache_bytes / 2**20:.1f} MiB ({stats.num_blocks} blocks)")
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from nreft_engine.bench import chat_workload, measure_engine
-
     engine = _make_engine(args)
     prompts = chat_workload(engine.tokenizer, args.num_prompts)
     for ratio in args.skip_ratios:
         result = measure_engine(engine, prompts, n=args.n, max_tokens=args.max_tokens, skip_ratio=ratio)
-        print(f"skip {ratio:.2f}: {result['tokens_per_second']:.1f} tok/s, KV {result['kv_cache_bytes'] / 2**20:.1f} MiB")
+        print(f"skip {ratio:.2f}: {result['tokens_per_second']:.1f} tok/s, "
+              f"KV {result['kv_cache_bytes'] / 2**20:.1f} MiB")
     return 0
 
 
@@ -85,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="sample completions with a layer-skipped behaviour model")
-    _add_model_arguments(gen)
+    _add_engine_arguments(gen)
     gen.add_argument("--prompt", action="append", required=True, help="a user message (repeat for several)")
     gen.add_argument("-n", type=int, default=1, help="samples per prompt")
     gen.add_argument("--skip-ratio", type=float, default=0.0)
@@ -101,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
 
     bench = sub.add_parser("bench", help="engine rollout tokens/s at several skip ratios")
-    _add_model_arguments(bench)
+    _add_engine_arguments(bench)
     bench.add_argument("--num-prompts", type=int, default=16)
     bench.add_argument("-n", type=int, default=4)
     bench.add_argument("--max-tokens", type=int, default=128)
@@ -116,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, TypeError) as err:

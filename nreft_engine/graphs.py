@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from nreft_engine.cache import PagedKVCache
-from nreft_engine.runner import ModelRunner, StepInputs
+from nreft_engine.decoder import Decoder, StepInputs
 from nreft_engine.skip import LayerPlan
 
 logger = logging.getLogger(__name__)
@@ -37,13 +37,13 @@ class DecodeGraphs:
 
     def __init__(
         self,
-        runner: ModelRunner,
+        decoder: Decoder,
         max_batch: int,
         max_blocks_per_seq: int,
         device: torch.device,
         max_graphs: int = 64,
     ):
-        self.runner = runner
+        self.decoder = decoder
         self.buckets = batch_buckets(max_batch)
         self.max_blocks_per_seq = max_blocks_per_seq
         self.max_graphs = max_graphs
@@ -112,7 +112,7 @@ class DecodeGraphs:
         self, bucket: int, plan: LayerPlan, cache: PagedKVCache, warm_up: bool
     ) -> Callable[[], torch.Tensor]:
         start = time.perf_counter()
-        replay = self._record(lambda: self.runner.forward(self._static_inputs(bucket), plan, cache), warm_up)
+        replay = self._record(lambda: self.decoder.forward(self._static_inputs(bucket), plan, cache), warm_up)
         self.captures += 1
         self.capture_seconds += time.perf_counter() - start
         logger.debug("captured decode graph: batch %d, %d active layers", bucket, plan.num_active)

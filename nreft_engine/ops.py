@@ -1,15 +1,20 @@
 """The one dispatch point for kernels: Triton for CUDA tensors, the C++ CPU kernels of nreft_engine._C
 for CPU tensors (kernels/cpu.py, where the op has one), the torch reference otherwise.
 
-Every op of the decode/prefill step goes through here, so a new backend is one change in one place.
-`NREFT_FORCE_TRITON=1` sends CPU tensors to the Triton kernels too (with TRITON_INTERPRET=1), which is
-how the engine's Triton path is checked on machines without a GPU. `NREFT_CPU_KERNELS=0` sends CPU
-tensors to the torch references instead of the C++ kernels.
+Every op of the decode/prefill step, and the logit filter the trainer shares with the sampler, goes
+through here, so a new backend is one change in one place. Each op's implementation per device type is
+chosen once, at import, from two switches: `NREFT_FORCE_TRITON=1` sends CPU tensors to the Triton kernels
+too (with TRITON_INTERPRET=1: how the engine's Triton path is checked without a GPU), and
+`NREFT_CPU_KERNELS=0` sends CPU tensors to the torch references instead of the C++ kernels.
+`configure` changes the choice later (tests do).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +28,8 @@ from nreft_engine.kernels import rope as rope_kernels
 from nreft_engine.kernels import sampler as sampler_kernels
 
 __all__ = [
+    "configure",
+    "filter_logits",
     "linear",
     "paged_decode_attention",
     "prefill_attention",
@@ -33,30 +40,66 @@ __all__ = [
     "silu_and_mul",
 ]
 
+# op name -> the kernels/ module with its `<name>_reference` (and `<name>_triton`, where it has one)
+_MODULES: dict[str, ModuleType] = {
+    "rms_norm": rms_norm_kernels,
+    "rope_write_kv": rope_kernels,
+    "paged_decode_attention": paged_attention_kernels,
+    "prefill_attention": prefill_attention_kernels,
+    "silu_and_mul": activation_kernels,
+    "sample": sampler_kernels,
+}
 
-def use_triton(t: torch.Tensor) -> bool:
-    """True when `t` should go to a Triton kernel."""
-    return t.is_cuda or os.environ.get("NREFT_FORCE_TRITON") == "1"
+
+@dataclass(frozen=True)
+class Backends:
+    """One op's implementations: for CUDA tensors, for CPU tensors, and for any other device."""
+
+    cuda: Callable
+    cpu: Callable
+    other: Callable
+
+    def on(self, t: torch.Tensor) -> Callable:
+        if t.is_cuda:
+            return self.cuda
+        return self.cpu if t.device.type == "cpu" else self.other
 
 
-def use_cpu_kernels(device: torch.device) -> bool:
-    """True when tensors on `device` should go to the C++ CPU kernels (where the op has one)."""
-    return device.type == "cpu" and os.environ.get("NREFT_CPU_KERNELS") != "0"
+@dataclass(frozen=True)
+class _Choice:
+    use_cpu_kernels: bool
+    ops: dict[str, Backends]
 
 
-def _pick(module, name: str, t: torch.Tensor):
-    triton_fn = getattr(module, f"{name}_triton", None)
-    if triton_fn is not None and use_triton(t):
-        return triton_fn
-    cpu_fn = getattr(cpu_kernels, f"{name}_cpu", None)
-    if cpu_fn is not None and use_cpu_kernels(t.device):
-        return cpu_fn
-    return getattr(module, f"{name}_reference")
+def choose_backends(force_triton: bool, use_cpu_kernels: bool) -> dict[str, Backends]:
+    """Each op's implementations under the two switches (see the module docstring)."""
+    chosen = {}
+    for name, module in _MODULES.items():
+        reference = getattr(module, f"{name}_reference")
+        triton_fn = getattr(module, f"{name}_triton", None)
+        cpu_fn = getattr(cpu_kernels, f"{name}_cpu", None) if use_cpu_kernels else None
+        on_cpu = triton_fn if force_triton and triton_fn is not None else cpu_fn or reference
+        chosen[name] = Backends(cuda=triton_fn or reference, cpu=on_cpu, other=reference)
+    return chosen
+
+
+def configure(force_triton: bool | None = None, use_cpu_kernels: bool | None = None) -> None:
+    """Choose the backends anew; a switch left None is read from its environment variable."""
+    global _choice
+    if force_triton is None:
+        force_triton = os.environ.get("NREFT_FORCE_TRITON") == "1"
+    if use_cpu_kernels is None:
+        use_cpu_kernels = os.environ.get("NREFT_CPU_KERNELS") != "0"
+    _choice = _Choice(use_cpu_kernels, choose_backends(force_triton, use_cpu_kernels))
+
+
+_choice: _Choice
+configure()
 
 
 def can_prepack_linear(device: torch.device) -> bool:
     """True when `prepare_linear_weight` gives weights on `device` a faster layout than their own."""
-    return use_cpu_kernels(device) and cpu_kernels.can_pack_linear()
+    return device.type == "cpu" and _choice.use_cpu_kernels and cpu_kernels.can_pack_linear()
 
 
 def prepare_linear_weight(weight: torch.Tensor) -> torch.Tensor | cpu_kernels.PackedLinear:
@@ -78,30 +121,37 @@ def linear(
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """(rmsnorm(x + residual) * weight, x + residual); see kernels/rms_norm.py."""
-    return _pick(rms_norm_kernels, "rms_norm", x)(x, weight, eps, residual)
+    return _choice.ops["rms_norm"].on(x)(x, weight, eps, residual)
 
 
 def rope_write_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping):
     """Rotate q, k and write k, v into the paged cache; see kernels/rope.py."""
-    return _pick(rope_kernels, "rope_write_kv", q)(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
+    fn = _choice.ops["rope_write_kv"].on(q)
+    return fn(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
     """One query token per sequence over its paged context; see kernels/paged_attention.py."""
-    fn = _pick(paged_attention_kernels, "paged_decode_attention", q)
+    fn = _choice.ops["paged_decode_attention"].on(q)
     return fn(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
 def prefill_attention(q, k, v, cu_seqlens, scale: float) -> torch.Tensor:
     """Causal attention over packed prompts; see kernels/prefill_attention.py."""
-    return _pick(prefill_attention_kernels, "prefill_attention", q)(q, k, v, cu_seqlens, scale)
+    return _choice.ops["prefill_attention"].on(q)(q, k, v, cu_seqlens, scale)
 
 
 def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up; see kernels/activation.py."""
-    return _pick(activation_kernels, "silu_and_mul", gate)(gate, up)
+    return _choice.ops["silu_and_mul"].on(gate)(gate, up)
 
 
 def sample(logits, temperature, top_k, top_p, min_p, uniform) -> tuple[torch.Tensor, torch.Tensor]:
-    """Filter, sample with the given uniforms, and return (tokens, exact log-probs); see kernels/sampler.py."""
-    return _pick(sampler_kernels, "sample", logits)(logits, temperature, top_k, top_p, min_p, uniform)
+    """Filter, sample with the given uniforms, return (tokens, exact log-probs); see kernels/sampler.py."""
+    return _choice.ops["sample"].on(logits)(logits, temperature, top_k, top_p, min_p, uniform)
+
+
+def filter_logits(logits, temperature, top_k, top_p, min_p) -> torch.Tensor:
+    """Tempered fp32 logits with filtered-out tokens at -inf, differentiable: the sampler's filter, which
+    the trainer recomputes log-probs through; see kernels/sampler.py."""
+    return sampler_kernels.filter_logits(logits, temperature, top_k, top_p, min_p)

@@ -27,7 +27,6 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     skipped_layers: tuple[int, ...]
-    finished: bool = True
 
 
 @dataclass
@@ -47,6 +46,32 @@ class GenerationStats:
     graph_captures: int = 0  # CUDA graphs captured by this call (each new skip set needs its own)
     graph_capture_seconds: float = 0.0  # included in decode_seconds
     skipped_layers: tuple[int, ...] = field(default_factory=tuple)
+
+    def add_step(
+        self,
+        prefill: bool,
+        num_tokens: int,
+        appended: int,
+        seconds: float,
+        captures: int,
+        capture_seconds: float,
+    ) -> None:
+        """Count one step: `num_tokens` fed, `appended` tokens kept, and the graph captures it paid for."""
+        self.generated_tokens += appended
+        if prefill:
+            self.prefill_tokens += num_tokens
+            self.prefill_seconds += seconds
+        else:
+            self.decode_tokens += appended
+            self.decode_seconds += seconds
+        self.graph_captures += captures
+        self.graph_capture_seconds += capture_seconds
+
+    def finish(self, num_preemptions: int, peak_running: int, used_blocks_at_end: int) -> None:
+        """The scheduler's counters at the end of the call."""
+        self.num_preemptions = num_preemptions
+        self.peak_running = peak_running
+        self.used_blocks_at_end = used_blocks_at_end
 
     @property
     def seconds(self) -> float:

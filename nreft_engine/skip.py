@@ -67,8 +67,8 @@ class SkipPolicy:
         eligible = self.eligible(num_layers)
         if count > len(eligible):
             raise ValueError(
-                f"skip ratio {self.ratio} asks for {count} of {num_layers} layers but only {len(eligible)} are "
-                f"eligible (protect_first={self.protect_first}, protect_last={self.protect_last})"
+                f"skip ratio {self.ratio} asks for {count} of {num_layers} layers but only {len(eligible)} "
+                f"are eligible (protect_first={self.protect_first}, protect_last={self.protect_last})"
             )
         return count
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 
-def to_device(data: torch.Tensor | list, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+def to_device(
+    data: torch.Tensor | list, device: torch.device, dtype: torch.dtype = torch.int64
+) -> torch.Tensor:
     """`data` (a CPU tensor, or a list made into a `dtype` tensor) on `device`, without a host sync."""
     host = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
     if device.type != "cuda":

@@ -1,8 +1,8 @@
 """Shared fixtures. Triton runs in its CPU interpreter in tests (no GPU on CI).
 
 `NREFT_TEST_DEVICE=cuda` runs the same kernel tests on a GPU instead: no interpreter, and every
-`kernels/*_triton` (or `*_launch`) function a test calls gets its CPU inputs copied to the GPU (outputs and in-place updates
-copied back), so the tests written on CPU tensors check the compiled kernels.
+`kernels/*_triton` (or `*_launch`) function a test calls gets its CPU inputs copied to the GPU (outputs and
+in-place updates copied back), so the tests written on CPU tensors check the compiled kernels.
 """
 
 import os

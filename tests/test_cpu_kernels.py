@@ -13,14 +13,14 @@ from unittest import mock
 import pytest
 import torch
 from kernel_testing import assert_close_rel, random_block_tables
+
+from nreft_engine import ops
 from nreft_engine.kernels import activation, cpu, paged_attention, rms_norm, rope, sampler
 from nreft_engine.kernels.activation import silu_and_mul_reference
 from nreft_engine.kernels.paged_attention import paged_decode_attention_reference
 from nreft_engine.kernels.rms_norm import rms_norm_reference
 from nreft_engine.kernels.rope import rope_cos_sin, rope_write_kv_reference
 from nreft_engine.kernels.sampler import filter_logits, sample_reference
-
-from nreft_engine import ops
 
 C = cpu._C
 ISAS = ["avx512", "avx2", "base"]
@@ -41,7 +41,7 @@ def _nan_like(shape, dtype):
     return torch.full(shape, float("nan"), dtype=dtype)
 
 
-# ------------------------------------------------ paged decode attention ------------------------------------------------
+# ---------------------------------------- paged decode attention ----------------------------------------
 
 CONTEXTS = [1, 15, 17, 100]
 
@@ -118,7 +118,7 @@ def test_paged_decode_attention_falls_back_for_other_head_dims():
     assert torch.equal(cpu.paged_decode_attention_cpu(q, kc, vc, tables, ctx, scale), ref)
 
 
-# ------------------------------------------------ residual add + RMSNorm ------------------------------------------------
+# ---------------------------------------- residual add + RMSNorm ----------------------------------------
 
 
 def _check_rms(x, weight, residual, eps=1e-6, out_dtype=None):
@@ -186,7 +186,7 @@ def test_rms_norm_falls_back_for_mixed_dtypes():
     assert r is residual and torch.equal(residual, res_ref) and torch.equal(y, y_ref)
 
 
-# ------------------------------------------------ silu(gate) * up ------------------------------------------------
+# ---------------------------------------- silu(gate) * up ----------------------------------------
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -226,7 +226,7 @@ def test_silu_exp_range_and_special_values(isa):
     torch.testing.assert_close(out[finite], exact[finite], rtol=4e-7, atol=1e-38)
 
 
-# ------------------------------------------------ RoPE + paged-cache write ------------------------------------------------
+# ---------------------------------------- RoPE + paged-cache write ----------------------------------------
 
 
 def _rope_case(dtype, head_dim, group, kv_heads=3, tokens=11, page=16, num_blocks=5, max_pos=32768, seed=0):
@@ -301,7 +301,7 @@ def test_rope_write_kv_wrapper_int32_indices_and_fallback():
     _assert_cache_matches(kc16, kc_ref.bfloat16(), torch.bfloat16)
 
 
-# ------------------------------------------------ sampling ------------------------------------------------
+# ---------------------------------------- sampling ----------------------------------------
 
 LANES = cpu.softmax_lanes()  # of torch's fp32 softmax sums, which top-p's kept tokens can depend on
 
@@ -403,7 +403,7 @@ def test_sample_falls_back_to_the_reference_under_autograd():
     assert logits.grad is not None
 
 
-# ------------------------------------------------ dispatch ------------------------------------------------
+# ---------------------------------------- dispatch ----------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -418,12 +418,27 @@ def test_sample_falls_back_to_the_reference_under_autograd():
 )
 def test_ops_dispatch_picks_cpu_kernels(module, name):
     t = torch.zeros(1)
-    with mock.patch.dict(os.environ, {"NREFT_FORCE_TRITON": "0", "NREFT_CPU_KERNELS": "1"}):
-        assert ops._pick(module, name, t) is getattr(cpu, f"{name}_cpu")
-    with mock.patch.dict(os.environ, {"NREFT_CPU_KERNELS": "0", "NREFT_FORCE_TRITON": "0"}):
-        assert ops._pick(module, name, t) is getattr(module, f"{name}_reference")
-    with mock.patch.dict(os.environ, {"NREFT_FORCE_TRITON": "1"}):
-        assert ops._pick(module, name, t) is getattr(module, f"{name}_triton")
+    assert ops.choose_backends(False, True)[name].on(t) is getattr(cpu, f"{name}_cpu")
+    assert ops.choose_backends(False, False)[name].on(t) is getattr(module, f"{name}_reference")
+    assert ops.choose_backends(True, True)[name].on(t) is getattr(module, f"{name}_triton")
+    assert ops.choose_backends(False, True)[name].cuda is getattr(module, f"{name}_triton")
+
+
+def test_ops_backends_are_chosen_once_from_the_environment():
+    x, weight = torch.randn(2, 8), torch.ones(8)
+    cpu_kernel = mock.Mock(side_effect=cpu.rms_norm_cpu)
+    try:
+        with mock.patch.object(cpu, "rms_norm_cpu", cpu_kernel):
+            with mock.patch.dict(os.environ, {"NREFT_CPU_KERNELS": "0", "NREFT_FORCE_TRITON": "0"}):
+                ops.configure()
+            with mock.patch.dict(os.environ, {"NREFT_CPU_KERNELS": "1"}):  # read at configure, not per call
+                ops.rms_norm(x, weight, 1e-6)
+            assert not cpu_kernel.called
+            ops.configure()
+            ops.rms_norm(x, weight, 1e-6)
+            assert cpu_kernel.called
+    finally:
+        ops.configure()
 
 
 def test_isa_selection():
@@ -436,7 +451,7 @@ def test_isa_selection():
     assert cpu.isa() in ISAS
 
 
-# ------------------------------------------------ prepacked linear ------------------------------------------------
+# ---------------------------------------- prepacked linear ----------------------------------------
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -515,5 +530,8 @@ def test_pack_linear_weight_rejects_other_dtypes():
 def test_prepare_linear_weight_follows_the_dispatch_switch():
     weight = torch.randn(8, 4)
     assert isinstance(ops.prepare_linear_weight(weight), cpu.PackedLinear)
-    with mock.patch.dict(os.environ, {"NREFT_CPU_KERNELS": "0"}):
+    try:
+        ops.configure(use_cpu_kernels=False)
         assert ops.prepare_linear_weight(weight) is weight
+    finally:
+        ops.configure()

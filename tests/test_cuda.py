@@ -19,19 +19,6 @@ def test_extension_was_built_with_cuda():
     assert _C.built_with_cuda
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_write_kv_cuda_equals_cpu(dtype):
-    gen = torch.Generator().manual_seed(0)
-    k_cache, v_cache = (torch.randn(6, 16, 2, 64, generator=gen).to(dtype) for _ in range(2))
-    qkv = torch.randn(9, 6, 64, generator=gen).to(dtype)
-    k, v = qkv[:, 2:4], qkv[:, 4:]  # strided views, as the engine passes them
-    slots = torch.tensor([3, 95, -1, 17, 0, 40, -7, 64, 16])
-    k_gpu, v_gpu = k_cache.cuda(), v_cache.cuda()
-    _C.write_kv(k.cuda(), v.cuda(), k_gpu, v_gpu, slots.cuda())
-    _C.write_kv(k, v, k_cache, v_cache, slots)
-    assert torch.equal(k_gpu.cpu(), k_cache) and torch.equal(v_gpu.cpu(), v_cache)
-
-
 def test_host_to_device_copies_do_not_wait_for_queued_work():
     """Async scheduling needs the step inputs' copies (and the copy-on-write pairs) not to block the host."""
     k_cache, v_cache = (torch.zeros(1, 4, 16, 2, 8, device="cuda") for _ in range(2))
@@ -71,17 +58,22 @@ def test_engine_logprobs_on_cuda_equal_transformers(family, skip):
         for c in out.outputs:
             expected = reference_logprobs(reference_model, prompt, c.token_ids, params)
             assert (torch.tensor(c.logprobs) - expected).abs().max().item() <= 1e-4
-    assert engine.graphs is not None and engine.last_stats.graph_captures > 0
+    assert engine.runner.graphs is not None and engine.last_stats.graph_captures > 0
 
 
 def test_cuda_graphs_equal_eager_steps():
     model = make_tiny_model("llama").cuda()
     graphed = Engine(model, kv_cache_memory=1 << 24)
     eager = Engine(model, kv_cache_memory=1 << 24, enforce_eager=True)
-    assert eager.graphs is None
-    params = [SamplingParams(n=3, temperature=1.0, max_tokens=m, ignore_eos=True, seed=i) for i, m in enumerate((9, 4, 13, 6))]
+    assert eager.runner.graphs is None
+    params = [
+        SamplingParams(n=3, temperature=1.0, max_tokens=m, ignore_eos=True, seed=i)
+        for i, m in enumerate((9, 4, 13, 6))
+    ]
     for skip in (None, [1], [1, 2], None):
-        a = [(c.token_ids, c.logprobs) for o in graphed.generate(PROMPTS, params, skip=skip) for c in o.outputs]
+        a = [
+            (c.token_ids, c.logprobs) for o in graphed.generate(PROMPTS, params, skip=skip) for c in o.outputs
+        ]
         b = [(c.token_ids, c.logprobs) for o in eager.generate(PROMPTS, params, skip=skip) for c in o.outputs]
         assert [t for t, _ in a] == [t for t, _ in b]
         for (_, la), (_, lb) in zip(a, b):
@@ -102,7 +94,8 @@ def test_a_warm_generate_never_blocks_on_the_device():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert engine.last_stats.graph_captures == 0
-    assert [c.token_ids for o in outputs for c in o.outputs] == [c.token_ids for o in expected for c in o.outputs]
+    got = [c.token_ids for o in outputs for c in o.outputs]
+    assert got == [c.token_ids for o in expected for c in o.outputs]
 
 
 def test_replayed_graphs_see_an_optimizer_step():
@@ -110,7 +103,7 @@ def test_replayed_graphs_see_an_optimizer_step():
     AdamW step the next generate must replay the same graphs (no new capture) over the updated weights."""
     model = make_tiny_model("qwen2").cuda()
     engine = Engine(model, kv_cache_memory=1 << 24)
-    assert engine.prepack_weights
+    assert engine.runner.prepack_weights
     params = SamplingParams(n=2, temperature=1.0, max_tokens=10, ignore_eos=True, seed=0)
     engine.generate(PROMPTS, params)
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)

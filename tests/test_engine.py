@@ -7,25 +7,31 @@ import torch
 from tiny_models import make_tiny_model
 
 from nreft_engine import Engine, LayerPlan, SamplingParams, SkipPolicy
-from nreft_engine.cache import PagedKVCache
+from nreft_engine.cache import kv_cache_bytes
 from nreft_engine.kernels.sampler import filter_logits
-from nreft_engine.scheduler import UNIFORM_CHUNK, Scheduler, Sequence
+from nreft_engine.scheduler import Scheduler
+from nreft_engine.sequence import UNIFORM_CHUNK, Sequence
 
-PROMPTS = [[5, 9, 17, 33, 8], [3], list(range(10, 47)), [100, 101, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 9]]
+PROMPTS = [
+    [5, 9, 17, 33, 8], [3], list(range(10, 47)), [100, 101, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 9]
+]
 FAMILIES = ["llama", "qwen2", "qwen3", "llama3-rope", "llama-untied"]
 
 
 def hf_greedy(model, prompt, max_tokens):
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, min_new_tokens=max_tokens,
-                         pad_token_id=0)
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False,
+                         min_new_tokens=max_tokens, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
 
 def without_layers(model, skipped):
-    """A copy of `model` with the decoder layers in `skipped` deleted (the behaviour model, for reference)."""
+    """A copy of `model` with the decoder layers in `skipped` deleted (the behaviour model, for
+    reference)."""
     reduced = copy.deepcopy(model)
     layers = reduced.model.layers
-    reduced.model.layers = torch.nn.ModuleList([layer for i, layer in enumerate(layers) if i not in set(skipped)])
+    reduced.model.layers = torch.nn.ModuleList(
+        [layer for i, layer in enumerate(layers) if i not in set(skipped)]
+    )
     reduced.config.num_hidden_layers = len(reduced.model.layers)
     for i, layer in enumerate(reduced.model.layers):
         layer.self_attn.layer_idx = i
@@ -76,7 +82,9 @@ def test_behaviour_logprobs_are_exact(family, skipped):
     model = make_tiny_model(family)
     reference = without_layers(model, skipped)
     engine = Engine(model, kv_cache_memory=1 << 22)
-    params = SamplingParams(n=3, temperature=0.7, top_p=0.9, top_k=40, min_p=0.02, max_tokens=20, seed=1, ignore_eos=True)
+    params = SamplingParams(
+        n=3, temperature=0.7, top_p=0.9, top_k=40, min_p=0.02, max_tokens=20, seed=1, ignore_eos=True
+    )
     outs = engine.generate(PROMPTS, params, skip=list(skipped))
     for prompt, out in zip(PROMPTS, outs):
         assert out.skipped_layers == skipped
@@ -92,7 +100,7 @@ def test_stale_cache_contents_never_leak():
     engine = Engine(model, kv_cache_memory=1 << 22)
     params = SamplingParams(n=2, temperature=0.9, max_tokens=20, seed=5, ignore_eos=True)
     clean = engine.generate(PROMPTS, params)
-    engine._kv_buffer.fill_(float("nan"))
+    engine.runner.kv_buffer.fill_(float("nan"))
     poisoned = engine.generate(PROMPTS, params)
     for a, b in zip(clean, poisoned):
         for ca, cb in zip(a.outputs, b.outputs):
@@ -105,13 +113,15 @@ def test_same_seed_same_output_and_samples_differ():
     params = SamplingParams(n=4, temperature=1.0, max_tokens=16, seed=7, ignore_eos=True)
     first = engine.generate(PROMPTS, params)
     second = engine.generate(PROMPTS, params)
-    assert [[c.token_ids for c in o.outputs] for o in first] == [[c.token_ids for c in o.outputs] for o in second]
+    assert [[c.token_ids for c in o.outputs] for o in first] == [
+        [c.token_ids for c in o.outputs] for o in second
+    ]
     assert len({tuple(c.token_ids) for c in first[0].outputs}) > 1
 
 
 def test_uniforms_drawn_in_chunks_are_the_one_at_a_time_stream():
     """Sequences pre-draw their uniforms in chunks; the values must be the generator's plain stream."""
-    seq = Sequence(0, 0, 0, [1, 2], SamplingParams(), torch.Generator().manual_seed(11))
+    seq = Sequence(0, 0, [1, 2], SamplingParams(), torch.Generator().manual_seed(11))
     drawn = [seq.next_uniform() for _ in range(3 * UNIFORM_CHUNK + 5)]
     generator = torch.Generator().manual_seed(11)
     assert drawn == [torch.rand(1, generator=generator).item() for _ in range(len(drawn))]
@@ -130,9 +140,9 @@ def test_prompt_prefilled_once_for_n_samples_and_blocks_return():
 
 def test_kv_bytes_scale_with_active_layers_and_admit_more_sequences():
     model = make_tiny_model("llama", num_hidden_layers=8)
-    full = PagedKVCache.bytes_for(100, 8, 16, 2, 16, torch.float32)
+    full = kv_cache_bytes(8, 100 * 16, 2, 16, 4)
     for k in range(1, 7):
-        assert PagedKVCache.bytes_for(100, 8 - k, 16, 2, 16, torch.float32) * 8 == full * (8 - k)
+        assert kv_cache_bytes(8 - k, 100 * 16, 2, 16, 4) * 8 == full * (8 - k)
     budget = 8 * 40 * 16 * 2 * 2 * 16 * 4  # 40 blocks for all 8 layers
     engine = Engine(model, kv_cache_memory=budget, block_size=16)
     params = SamplingParams(max_tokens=16, ignore_eos=True, seed=0)
@@ -150,7 +160,7 @@ def test_preemption_keeps_outputs_identical():
     model = make_tiny_model("qwen2")
     params = SamplingParams(n=4, temperature=1.0, max_tokens=40, seed=3, ignore_eos=True)
     big = Engine(model, kv_cache_memory=1 << 22).generate(PROMPTS, params)
-    per_block = PagedKVCache.bytes_for(1, 4, 16, 2, 16, torch.float32)
+    per_block = kv_cache_bytes(4, 16, 2, 16, 4)
     small_engine = Engine(model, kv_cache_memory=12 * per_block)
     small = small_engine.generate(PROMPTS, params)
     assert small_engine.last_stats.num_preemptions > 0
@@ -175,8 +185,8 @@ def test_async_scheduling_gives_the_same_outputs(skip):
     model = make_tiny_model("llama", vocab_size=64)
     params = [
         SamplingParams(n=3, temperature=1.0, max_tokens=25, seed=1, stop_token_ids=[3, 4, 5, 6]),
-        SamplingParams(n=2, temperature=0.8, top_k=20, max_tokens=9, seed=2, min_tokens=4, stop_token_ids=[3, 4],
-                       logprobs=2),
+        SamplingParams(n=2, temperature=0.8, top_k=20, max_tokens=9, seed=2, min_tokens=4,
+                       stop_token_ids=[3, 4], logprobs=2),
         SamplingParams(n=1, temperature=0, max_tokens=17, seed=3),
     ]
     prompts = PROMPTS[:3]
@@ -221,13 +231,15 @@ def test_stop_token_ids_min_tokens_and_top_logprobs():
     tokens = greedy[0].outputs[0].token_ids
     stop_at = tokens[5]
     first = tokens.index(stop_at)
-    out = engine.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_at], logprobs=3))
+    out = engine.generate(
+        [PROMPTS[0]], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_at], logprobs=3)
+    )
     c = out[0].outputs[0]
     assert c.finish_reason == "stop" and c.token_ids == tokens[: first + 1]
     assert len(c.top_logprobs) == len(c.token_ids) and all(len(t) == 3 for t in c.top_logprobs)
     assert all(c.token_ids[i] == max(t, key=t.get) for i, t in enumerate(c.top_logprobs))
-    held = engine.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_at],
-                                                        min_tokens=first + 2))
+    held = engine.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=12,
+                                                        stop_token_ids=[stop_at], min_tokens=first + 2))
     assert len(held[0].outputs[0].token_ids) > first + 1
 
 
@@ -242,7 +254,7 @@ def test_stop_token_ids_min_tokens_and_top_logprobs():
     ],
 )
 def test_bad_input_errors_and_engine_stays_usable(prompts, match):
-    per_block = PagedKVCache.bytes_for(1, 4, 16, 2, 16, torch.float32)
+    per_block = kv_cache_bytes(4, 16, 2, 16, 4)
     engine = Engine(make_tiny_model("llama"), kv_cache_memory=8 * per_block)
     with pytest.raises(ValueError, match=match):
         engine.generate(prompts, SamplingParams(max_tokens=4))

@@ -9,8 +9,9 @@ from nreft_engine import Engine, SamplingParams
 pytestmark = pytest.mark.slow
 
 QUESTIONS = [
-    "What is 12 + 30?", "Name a color of the sky.", "Write one sentence about dogs.", "What is 7 times 6?",
-    "Who wrote Hamlet?", "Count from one to five.", "What is the boiling point of water?", "Say hello in French.",
+    "What is 12 + 30?", "Name a color of the sky.", "Write one sentence about dogs.",
+    "What is 7 times 6?", "Who wrote Hamlet?", "Count from one to five.",
+    "What is the boiling point of water?", "Say hello in French.",
 ]
 
 
@@ -18,8 +19,8 @@ QUESTIONS = [
 def engine_and_prompts(smollm):
     model, tokenizer = smollm
     prompts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
-                                      return_dict=True)["input_ids"]
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                      tokenize=True, return_dict=True)["input_ids"]
         for q in QUESTIONS
     ]
     return Engine(model, tokenizer, kv_cache_memory=1 << 28), [list(p) for p in prompts]
@@ -31,7 +32,9 @@ def test_greedy_equals_transformers_generate(engine_and_prompts):
     model = engine.model
     for prompt, out in zip(prompts, outs):
         with torch.no_grad():
-            expected = model.generate(torch.tensor([prompt]), max_new_tokens=64, min_new_tokens=64, do_sample=False)
+            expected = model.generate(
+                torch.tensor([prompt]), max_new_tokens=64, min_new_tokens=64, do_sample=False
+            )
         assert out.outputs[0].token_ids == expected[0, len(prompt):].tolist()
 
 

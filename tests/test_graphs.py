@@ -29,9 +29,10 @@ class EagerReplayGraphs(DecodeGraphs):
 
 
 def with_graphs(engine: Engine, max_graph_context: int, **kwargs) -> EagerReplayGraphs:
-    blocks = -(-max_graph_context // engine.block_size)
-    engine.graphs = EagerReplayGraphs(engine.runner, engine.max_num_seqs, blocks, engine.device, **kwargs)
-    return engine.graphs
+    runner = engine.runner
+    blocks = -(-max_graph_context // runner.block_size)
+    runner.graphs = EagerReplayGraphs(runner.decoder, runner.max_num_seqs, blocks, runner.device, **kwargs)
+    return runner.graphs
 
 
 def _generate(engine: Engine, skip) -> list[tuple[list[int], list[float]]]:
@@ -117,11 +118,12 @@ def test_least_recently_used_graphs_are_evicted():
 
 def test_cpu_engines_do_not_capture():
     engine = Engine(make_tiny_model("llama"), kv_cache_memory=1 << 22)
-    assert engine.graphs is None and not engine.use_cuda_graphs
+    assert engine.runner.graphs is None and not engine.runner.cuda_graphs
 
 
 def test_record_captures_on_a_side_stream_into_one_shared_pool(monkeypatch):
-    """`_record`'s CUDA calls, against a stand-in torch.cuda: warm-up, capture, shared pool, replay, errors."""
+    """`_record`'s CUDA calls, against a stand-in torch.cuda: warm-up, capture, shared pool, replay,
+    errors."""
     calls = []
 
     class Graph:
@@ -155,7 +157,7 @@ def test_record_captures_on_a_side_stream_into_one_shared_pool(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Stream", lambda: "side stream")
     monkeypatch.setattr(torch.cuda, "stream", stream)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append("sync"))
-    graphs = DecodeGraphs(runner=None, max_batch=4, max_blocks_per_seq=2, device=torch.device("cpu"))
+    graphs = DecodeGraphs(decoder=None, max_batch=4, max_blocks_per_seq=2, device=torch.device("cpu"))
     logits = torch.ones(2)
 
     def step():

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from kernel_testing import assert_close_rel, poisoned_outputs
+
 from nreft_engine.kernels import activation as mod
 
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from kernel_testing import assert_close_rel, poisoned_outputs, random_block_tables
+
 from nreft_engine.kernels import paged_attention as mod
 
 # 1, 15, 17 (around a 16-token page), 64 (a multiple of the split), 151 (not a multiple of any split)

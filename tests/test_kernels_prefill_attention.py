@@ -3,6 +3,7 @@
 import pytest
 import torch
 from kernel_testing import assert_close_rel, poisoned_outputs
+
 from nreft_engine.kernels import prefill_attention as mod
 
 # prompt lengths: 1, 15, 17 and lengths that are not multiples of the tiles (BLOCK_M 64 / BLOCK_N 16..64)

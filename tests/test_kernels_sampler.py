@@ -4,6 +4,7 @@ sample_reference, draw for draw; and its token frequencies match the filtered ta
 import pytest
 import torch
 from kernel_testing import poisoned_outputs
+
 from nreft_engine.kernels import sampler as mod
 
 

@@ -30,7 +30,8 @@ def test_outputs_equal_one_linear_per_source(prepack, with_bias):
     outs = fused(x)
     assert [o.shape for o in outs] == [(5, 32), (5, 8), (5, 8)]
     for i, (out, w) in enumerate(zip(outs, weights)):
-        torch.testing.assert_close(out, F.linear(x, w, None if biases is None else biases[i]), rtol=1e-5, atol=1e-5)
+        expected = F.linear(x, w, None if biases is None else biases[i])
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_missing_biases_are_zero():
@@ -85,7 +86,7 @@ def test_engine_sees_an_optimizer_step(prepack):
     """AdamW updates every parameter in place; the next generate must use the new weights, packed or not."""
     model = make_tiny_model("qwen2")
     engine = Engine(model, kv_cache_memory=1 << 22, prepack_weights=prepack)
-    assert engine.prepack_weights is prepack
+    assert engine.runner.prepack_weights is prepack
     ids = [5, 9, 3]
     params = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True, seed=1)
     before = engine.generate([ids], params)[0].outputs[0]
@@ -106,11 +107,14 @@ def test_default_packs_only_when_the_copies_fit_in_half_the_available_memory(cap
     model = make_tiny_model("qwen2")
     matrices = {p.data_ptr(): p for p in model.parameters() if p.dim() == 2}
     copies = 2 * sum(p.numel() * p.element_size() for p in matrices.values())
-    with mock.patch("nreft_engine.engine.available_memory", return_value=2 * copies):
-        assert Engine(model, kv_cache_memory=1 << 22).prepack_weights is True
-    with mock.patch("nreft_engine.engine.available_memory", return_value=2 * copies - 2), caplog.at_level("WARNING"):
+    with mock.patch("nreft_engine.linear.available_memory", return_value=2 * copies):
+        assert Engine(model, kv_cache_memory=1 << 22).runner.prepack_weights is True
+    with (
+        mock.patch("nreft_engine.linear.available_memory", return_value=2 * copies - 2),
+        caplog.at_level("WARNING"),
+    ):
         engine = Engine(model, kv_cache_memory=1 << 22)
-    assert engine.prepack_weights is False
+    assert engine.runner.prepack_weights is False
     assert "prepack_weights=True" in caplog.text
-    with mock.patch("nreft_engine.engine.available_memory", return_value=0):
-        assert Engine(model, kv_cache_memory=1 << 22, prepack_weights=True).prepack_weights is True
+    with mock.patch("nreft_engine.linear.available_memory", return_value=0):
+        assert Engine(model, kv_cache_memory=1 << 22, prepack_weights=True).runner.prepack_weights is True

@@ -23,7 +23,7 @@ from nreft_engine.models import (
     UnsupportedModelError,
     load_model,
     loader,
-    prepare_model,
+    model_spec,
     rope_tables,
 )
 from nreft_engine.models.loader import embedded_gguf_path
@@ -32,42 +32,25 @@ YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 
 
 
 @pytest.mark.parametrize(
-    "family, expected",
-    [
-        (
-            "llama",
-            {
-                "family": "llama",
-                "head_dim": 16,
-                "qkv_bias": False,
-                "qk_norm": False,
-                "tie_word_embeddings": True,
-            },
-        ),
-        ("qwen2", {"family": "qwen2", "head_dim": 16, "qkv_bias": True, "o_bias": False, "qk_norm": False}),
-        ("qwen3", {"family": "qwen3", "head_dim": 32, "qkv_bias": False, "qk_norm": True}),
-        ("llama-untied", {"family": "llama", "tie_word_embeddings": False}),
-    ],
+    "family, head_dim", [("llama", 16), ("qwen2", 16), ("qwen3", 32), ("llama-untied", 16)]
 )
-def test_spec_per_family(family, expected):
-    spec = prepare_model(make_tiny_model(family))
-    assert (spec.num_layers, spec.hidden_size, spec.num_heads, spec.num_kv_heads) == (4, 64, 4, 2)
-    assert (spec.vocab_size, spec.intermediate_size, spec.eos_token_ids) == (128, 128, (2,))
-    for key, value in expected.items():
-        assert getattr(spec, key) == value, key
+def test_spec_per_family(family, head_dim):
+    spec = model_spec(make_tiny_model(family))
+    assert (spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim) == (4, 4, 2, head_dim)
+    assert (spec.vocab_size, spec.eos_token_ids) == (128, (2,))
 
 
-def test_spec_mistral_maps_to_llama_and_eos_lists_merge():
+def test_spec_mistral_is_supported_and_eos_lists_merge():
     config = AutoConfig.for_model("mistral", num_hidden_layers=2, eos_token_id=[2, 7])
     generation_config = type("GenerationConfig", (), {"eos_token_id": [7, 9]})()
     spec = ModelSpec.from_config(config, generation_config)
-    assert spec.family == "llama" and spec.eos_token_ids == (2, 7, 9)
+    assert spec.num_layers == 2 and spec.eos_token_ids == (2, 7, 9)
 
 
-def test_spec_llama_attention_bias_includes_o_proj():
-    spec = prepare_model(make_tiny_model("llama", attention_bias=True))
+def test_llama_attention_bias_includes_o_proj():
     weights = DecoderWeights.from_model(make_tiny_model("llama", attention_bias=True))
-    assert spec.qkv_bias and spec.o_bias and weights.layers[0].o_bias is not None
+    layer = weights.layers[0]
+    assert all(b is not None for b in (layer.q_bias, layer.k_bias, layer.v_bias, layer.o_bias))
 
 
 @pytest.mark.parametrize("family", list(TINY_FAMILIES))
@@ -101,7 +84,7 @@ def test_weight_views_share_storage(family):
 def test_rope_tables_match_hf_rotary_embedding(family, overrides):
     model = make_tiny_model(family, **overrides)
     cos, sin = rope_tables(model, 200, "cpu")
-    half = prepare_model(model).head_dim // 2
+    half = model_spec(model).head_dim // 2
     assert cos.shape == sin.shape == (200, half) and cos.dtype == torch.float32
     x = torch.zeros(1, dtype=torch.float32)
     hf_cos, hf_sin = model.model.rotary_emb(x, torch.arange(200)[None])
@@ -115,7 +98,7 @@ def test_load_saved_tiny_model_dir(tmp_path):
     model = make_tiny_model("qwen2", seed=3)
     loaded, tokenizer = load_model(save_tiny_model(model, str(tmp_path / "tiny")), dtype=torch.bfloat16)
     assert tokenizer is None and not loaded.training and loaded.dtype == torch.bfloat16
-    assert prepare_model(loaded) == prepare_model(model)
+    assert model_spec(loaded) == model_spec(model)
     for (name, ours), theirs in zip(loaded.state_dict().items(), model.state_dict().values()):
         assert torch.equal(ours, theirs.to(torch.bfloat16)), name
 
@@ -133,9 +116,9 @@ def test_length_dependent_rope_is_rejected():
         ModelSpec.from_config(config)
 
 
-def test_prepare_model_rejects_non_models():
+def test_model_spec_rejects_non_models():
     with pytest.raises(TypeError, match="PreTrainedModel"):
-        prepare_model(torch.nn.Linear(2, 2))
+        model_spec(torch.nn.Linear(2, 2))
 
 
 def test_missing_path_and_unknown_name(tmp_path):
@@ -185,9 +168,10 @@ def test_embedded_gguf_loads_then_comes_from_cache(embedded_cache):
     print(f"\nGGUF first load (convert + cache) {first:.1f}s, cached load {second:.1f}s")
     assert second < first
 
-    spec = prepare_model(model)
-    assert (spec.family, spec.num_layers, spec.hidden_size, spec.num_kv_heads) == ("llama", 30, 576, 3)
-    assert spec.tie_word_embeddings and spec.eos_token_ids == (2,)
+    spec = model_spec(model)
+    assert (spec.num_layers, spec.num_heads, spec.num_kv_heads) == (30, 9, 3)
+    assert model.config.model_type == "llama"
+    assert model.config.tie_word_embeddings and spec.eos_token_ids == (2,)
     assert_same_model(model, tokenizer, again, tokenizer_again)
 
 
@@ -220,5 +204,5 @@ def test_a_full_disk_loads_the_gguf_from_memory_with_a_warning(embedded_cache, t
     assert list(tmp_path.iterdir()) == []
     assert "1 MiB free" in caplog.text and "NREFT_CACHE_DIR" in caplog.text
     assert loaded.dtype == torch.bfloat16 and not loaded.training
-    assert prepare_model(loaded) == prepare_model(model)
+    assert model_spec(loaded) == model_spec(model)
     assert_same_model(model.to(torch.bfloat16), tokenizer, loaded, loaded_tokenizer)

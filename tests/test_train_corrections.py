@@ -11,10 +11,11 @@ from test_train_support import tiny_policy
 from tiny_models import make_tiny_model
 
 from nreft_engine import Engine, SamplingParams
+from nreft_engine.train.config import TrainConfig
 from nreft_engine.train.corrections import CORRECTIONS, CorrectionConfig, correction_weights, ratio_stats
 from nreft_engine.train.data import arithmetic_task
 from nreft_engine.train.logprobs import LogitFilter, group_logprobs
-from nreft_engine.train.loop import TrainConfig, Trainer, _pad
+from nreft_engine.train.loop import Trainer, _pad
 from nreft_engine.train.objectives import ObjectiveConfig, group_advantages, policy_loss
 
 
@@ -42,7 +43,8 @@ def test_formulas_on_known_ratios():
     w, _ = correction_weights(log_ratio, mask, CorrectionConfig("retrace", trace_lambda=0.5))
     assert torch.allclose(w[0], torch.tensor([0.125, 0.0625, 0.03125]))
     w, _ = correction_weights(log_ratio, mask, CorrectionConfig("seq_geo", clip=5.0))
-    assert torch.allclose(w[0], torch.full((3,), (0.25 * 3.0) ** (1 / 3))) and torch.allclose(w[1], torch.full((3,), 2.0))
+    assert torch.allclose(w[0], torch.full((3,), (0.25 * 3.0) ** (1 / 3)))
+    assert torch.allclose(w[1], torch.full((3,), 2.0))
     stats = ratio_stats(log_ratio, mask, hit)
     assert stats["ratio_min"] == pytest.approx(0.25) and stats["ratio_max"] == pytest.approx(3.0)
     assert 0 < stats["ess_fraction"] < 1 and stats["frac_corrected"] == pytest.approx(0.5)
@@ -51,9 +53,10 @@ def test_formulas_on_known_ratios():
 
 def test_without_skipping_ratios_are_one_and_all_corrections_equal_grpo(tmp_path):
     model, tok = tiny_policy(seed=2)
-    cfg = TrainConfig(prompts_per_step=3, group_size=4, max_tokens=6, skip_ratio=0.0, temperature=0.9, top_k=40)
-    trainer = Trainer(model, tok, arithmetic_task(0), [digit_reward], digit_reward, cfg, str(tmp_path), "tiny",
-                      kv_cache_memory=2**24)
+    cfg = TrainConfig(prompts_per_step=3, group_size=4, max_tokens=6, skip_ratio=0.0, temperature=0.9,
+                      top_k=40)
+    trainer = Trainer(model, tok, arithmetic_task(0), [digit_reward], digit_reward, cfg, str(tmp_path),
+                      "tiny", kv_cache_memory=2**24)
     rollout = trainer.rollout(0, arithmetic_task(0).train[:3])
     advantages = group_advantages(rollout.rewards)
     assert advantages.abs().sum() > 0
@@ -66,8 +69,8 @@ def test_without_skipping_ratios_are_one_and_all_corrections_equal_grpo(tmp_path
             mask = _pad([[1.0] * len(c) for c in group]).bool()
             behaviour = _pad(rollout.behaviour_logprobs[i])
             assert (logp.detach() - behaviour)[mask].abs().max() < 1e-5
-            loss, _, corrected = policy_loss(logp, logp.detach(), behaviour, advantages[i], mask, ObjectiveConfig(),
-                                             CorrectionConfig(name), normalizer=20.0)
+            loss, _, corrected = policy_loss(logp, logp.detach(), behaviour, advantages[i], mask,
+                                             ObjectiveConfig(), CorrectionConfig(name), normalizer=20.0)
             loss.backward()
             total += loss.item()
             assert not corrected.any() or name == "retrace"  # retrace flags ρ < 1 by a hair; weights stay 1
@@ -109,7 +112,8 @@ def bandit():
     (-(torch.cat(group_logprobs(model, PROMPT, outcomes, LogitFilter())).exp() * reward).sum()).backward()
     exact = _grads(model).clone()
     engine = Engine(model, kv_cache_memory=2**24)
-    outs = engine.generate([PROMPT] * 8, SamplingParams(n=250, max_tokens=1, ignore_eos=True, seed=11), skip=SKIP)
+    params = SamplingParams(n=250, max_tokens=1, ignore_eos=True, seed=11)
+    outs = engine.generate([PROMPT] * 8, params, skip=SKIP)
     samples = [(c.token_ids[0], c.logprobs[0]) for o in outs for c in o.outputs]
     for y, lp in samples[:50]:
         assert lp == pytest.approx(behaviour[y].item(), abs=1e-4)  # the engine samples from the nested model
@@ -123,8 +127,9 @@ def _per_outcome_grads(model, behaviour, reward, correction: CorrectionConfig) -
     for y in range(VOCAB):
         model.zero_grad()
         logp = group_logprobs(model, PROMPT, [[y]], LogitFilter())[0][None]
-        loss, _, _ = policy_loss(logp, logp.detach(), behaviour[y].reshape(1, 1), reward[y].reshape(1),
-                                 torch.ones(1, 1, dtype=torch.bool), ObjectiveConfig(), correction, normalizer=1.0)
+        mask = torch.ones(1, 1, dtype=torch.bool)
+        loss, _, _ = policy_loss(logp, logp.detach(), behaviour[y].reshape(1, 1), reward[y].reshape(1), mask,
+                                 ObjectiveConfig(), correction, normalizer=1.0)
         loss.backward()
         rows.append(_grads(model).clone())
     return torch.stack(rows).double()

@@ -23,7 +23,8 @@ def _write_jsonl(path, rows):
 
 
 def test_arithmetic_task_is_seeded_and_heldout_is_disjoint():
-    a, b = arithmetic_task(seed=3, difficulty=1, num_heldout=200), arithmetic_task(seed=3, difficulty=1, num_heldout=200)
+    a = arithmetic_task(seed=3, difficulty=1, num_heldout=200)
+    b = arithmetic_task(seed=3, difficulty=1, num_heldout=200)
     assert a == b and len(a.heldout) == 200 and len(a.train) > 100
     assert not {p.question for p in a.heldout} & {p.question for p in a.train}
     p = a.train[0]
@@ -43,21 +44,24 @@ def test_batches_follow_the_step_only():
 
 def test_loaders_read_gsm8k_svamp_and_math_files(tmp_path):
     gsm = _write_jsonl(tmp_path / "gsm.jsonl", [
-        {"question": f"Tom has {i} apples and buys 2. How many?", "answer": f"{i} + 2 = <<{i}+2>>\n#### {i + 2:,}"}
+        {"question": f"Tom has {i} apples and buys 2. How many?",
+         "answer": f"{i} + 2 = <<{i}+2>>\n#### {i + 2:,}"}
         for i in range(998, 1008)])
     task = load_task("gsm8k", gsm, num_heldout=4)
     assert len(task.heldout) == 4 and len(task.train) == 6
     assert {p.answer for p in task.train + task.heldout} == {str(i + 2) for i in range(998, 1008)}
 
     svamp = tmp_path / "SVAMP.json"
-    svamp.write_text(json.dumps([{"Body": f"There are {i} birds.", "Question": "How many birds?", "Answer": float(i)}
-                                 for i in range(6)]))
+    svamp.write_text(json.dumps([
+        {"Body": f"There are {i} birds.", "Question": "How many birds?", "Answer": float(i)} for i in range(6)
+    ]))
     task = load_task("svamp", str(svamp), num_heldout=2)
     assert {p.answer for p in task.train + task.heldout} == {str(i) for i in range(6)}
     assert all(p.question.endswith("How many birds?") for p in task.train)
 
     math = _write_jsonl(tmp_path / "math.jsonl", [
-        {"problem": f"Compute {i}/2.", "solution": f"It is $\\boxed{{\\frac{{{i}}}{{2}}}}$."} for i in range(5)])
+        {"problem": f"Compute {i}/2.", "solution": f"It is $\\boxed{{\\frac{{{i}}}{{2}}}}$."}
+        for i in range(5)])
     task = load_task("math", math, num_heldout=1)
     assert {p.answer for p in task.train + task.heldout} == {f"\\frac{{{i}}}{{2}}" for i in range(5)}
 
@@ -93,7 +97,8 @@ def test_user_reward_functions_have_the_trl_signature():
         assert columns["answer"] == ["1", "2"]
         return [len(ids) / 10 for ids in completion_ids]
 
-    total = compute_rewards([numeric_match, length_bonus], ["p", "p"], ["1", "3"], [[5], [6, 7]], answer=["1", "2"])
+    total = compute_rewards([numeric_match, length_bonus], ["p", "p"], ["1", "3"], [[5], [6, 7]],
+                            answer=["1", "2"])
     assert total == pytest.approx([1.1, 0.2])
     assert resolve_reward("nreft_engine.train.rewards:numeric_match") is numeric_match
     with pytest.raises(ValueError, match="unknown reward 'bogus'"):

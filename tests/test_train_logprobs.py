@@ -26,14 +26,19 @@ def _naive(model, prompt, completions, filt):
     return out
 
 
-@pytest.mark.parametrize("filt", [LogitFilter(), LogitFilter(temperature=0.7, top_p=0.95), LogitFilter(temperature=0.0)])
+@pytest.mark.parametrize("filt", [
+    LogitFilter(), LogitFilter(temperature=0.7, top_p=0.95), LogitFilter(temperature=0.0),
+])
 def test_values_and_gradients_match_the_plain_computation(filt):
     model = make_tiny_model("llama", seed=3)
     got = group_logprobs(model, PROMPT, COMPLETIONS, filt, chunk_size=4)
     want = _naive(model, PROMPT, COMPLETIONS, filt)
     for g, w in zip(got, want):
         assert torch.allclose(g, w, atol=1e-5)
-    finite = lambda xs: sum(x[x.isfinite()].sum() for x in xs)
+
+    def finite(xs):
+        return sum(x[x.isfinite()].sum() for x in xs)
+
     finite(got).backward()
     chunked = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -71,8 +76,11 @@ def _measure_both() -> tuple[dict, dict]:
     """Run the naive and the chunked computation in two fresh processes at once (one core each)."""
     here = os.path.dirname(__file__)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", _MEASURE, mode, here], stdout=subprocess.PIPE, text=True, env=env)
-             for mode in ("naive", "chunked")]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _MEASURE, mode, here], stdout=subprocess.PIPE, text=True,
+                         env=env)
+        for mode in ("naive", "chunked")
+    ]
     outs = [p.communicate()[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     naive, chunked = (json.loads(o.strip().splitlines()[-1]) for o in outs)

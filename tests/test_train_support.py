@@ -21,7 +21,8 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {tok: i for i, tok in enumerate(SPECIALS + list(CHARS))}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
     backend.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>")
     tok.chat_template = CHAT_TEMPLATE
     return tok
 

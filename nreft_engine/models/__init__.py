@@ -1,6 +1,6 @@
 """Model loading (embedded default, GGUF, safetensors dir, hub id, in-memory) and weight views."""
 
-from .loader import DEFAULT_MODEL, EMBEDDED_MODELS, load_model, prepare_model
+from .loader import DEFAULT_MODEL, EMBEDDED_MODELS, load_model, model_spec
 from .spec import SUPPORTED_MODEL_TYPES, ModelSpec, UnsupportedModelError
 from .weights import DecoderWeights, LayerWeights, rope_tables
 
@@ -13,6 +13,6 @@ __all__ = [
     "ModelSpec",
     "UnsupportedModelError",
     "load_model",
-    "prepare_model",
+    "model_spec",
     "rope_tables",
 ]

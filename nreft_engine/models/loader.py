@@ -62,7 +62,8 @@ def embedded_gguf_path(name: str) -> str:
 def load_model(
     name_or_path: str, dtype: torch.dtype = torch.float32, cache_dir: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
-    """Load (model in eval mode with `dtype`, tokenizer or None) from a name, a file, a directory or a hub id."""
+    """Load (model in eval mode with `dtype`, tokenizer or None) from a name, a file, a directory or a hub
+    id."""
     if name_or_path in EMBEDDED_MODELS:
         return _load_gguf(embedded_gguf_path(name_or_path), dtype, cache_dir or default_cache_dir())
     if os.path.isfile(name_or_path) and name_or_path.endswith(".gguf"):
@@ -81,8 +82,8 @@ def load_model(
     raise ValueError(message)
 
 
-def prepare_model(model: PreTrainedModel) -> ModelSpec:
-    """Check that an in-memory transformers model is of a supported family and return its spec."""
+def model_spec(model: PreTrainedModel) -> ModelSpec:
+    """The spec of an in-memory transformers model; raises if its family or an option is not supported."""
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"Expected a transformers PreTrainedModel, got {type(model).__name__}.")
     return ModelSpec.from_config(model.config, getattr(model, "generation_config", None))
@@ -155,7 +156,8 @@ def _convert_gguf(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
 
 
 def _save_converted(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: str) -> bool:
-    """Save into `target` through a temp dir renamed at the end, so it is never partial; False if not saved."""
+    """Save into `target` through a temp dir renamed at the end, so it is never partial; False if not
+    saved."""
     root = os.path.dirname(target)
     storages = {t.untyped_storage().data_ptr(): t.nbytes for t in model.state_dict().values()}
     needed = _CACHE_HEADROOM + sum(storages.values())  # tied weights share a storage and are saved once

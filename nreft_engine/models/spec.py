@@ -5,13 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-# HF model_type -> the engine's decoder family (mistral is llama without biases).
-SUPPORTED_MODEL_TYPES: dict[str, str] = {
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-}
+# HF model_types the engine's decoder runs (mistral is llama without biases; qwen2 adds q/k/v biases,
+# qwen3 per-head q/k norms: the weight views in weights.py pick those up from the modules).
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
 # RoPE types whose frequencies change with the running sequence length: fixed tables cannot match them.
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
@@ -45,10 +41,9 @@ def _eos_ids(*sources: Any) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def check_supported(config: Any) -> str:
-    """Return the engine family of `config`, or raise UnsupportedModelError saying what is not supported."""
-    family = SUPPORTED_MODEL_TYPES.get(getattr(config, "model_type", None))
-    if family is None:
+def check_supported(config: Any) -> None:
+    """Raise UnsupportedModelError, saying what is not supported, unless the engine runs `config`'s model."""
+    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         raise _unsupported(config, "this architecture is not supported")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise _unsupported(config, f"hidden_act {config.hidden_act!r} is not supported (only 'silu')")
@@ -56,53 +51,37 @@ def check_supported(config: Any) -> str:
         raise _unsupported(config, "MLP biases (mlp_bias=True) are not supported")
     if _rope_type(config) in _LENGTH_DEPENDENT_ROPE:
         raise _unsupported(config, f"rope type {_rope_type(config)!r} depends on sequence length")
-    return family
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Dimensions and options of a llama / qwen2 / qwen3 decoder.
+    """The dimensions of a llama / mistral / qwen2 / qwen3 decoder that the engine's step depends on.
 
     Sliding-window attention (e.g. mistral's `sliding_window`) is ignored: the engine always attends to
     the full context, which differs from HF only for sequences longer than the window.
     """
 
-    family: str
     num_layers: int
-    hidden_size: int
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    intermediate_size: int
     vocab_size: int
     rms_norm_eps: float
     max_position_embeddings: int
-    tie_word_embeddings: bool
-    qkv_bias: bool
-    o_bias: bool
-    qk_norm: bool
     eos_token_ids: tuple[int, ...]
 
     @classmethod
     def from_config(cls, config: Any, generation_config: Any = None) -> ModelSpec:
         """Build the spec from a HF config (and its generation config, for extra EOS ids)."""
-        family = check_supported(config)
-        attention_bias = bool(getattr(config, "attention_bias", False))
+        check_supported(config)
         num_heads = config.num_attention_heads
         return cls(
-            family=family,
             num_layers=config.num_hidden_layers,
-            hidden_size=config.hidden_size,
             num_heads=num_heads,
             num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
-            intermediate_size=config.intermediate_size,
             vocab_size=config.vocab_size,
             rms_norm_eps=float(config.rms_norm_eps),
             max_position_embeddings=config.max_position_embeddings,
-            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-            qkv_bias=family == "qwen2" or attention_bias,
-            o_bias=family != "qwen2" and attention_bias,
-            qk_norm=family == "qwen3",
             eos_token_ids=_eos_ids(config, generation_config),
         )

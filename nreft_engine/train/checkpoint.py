@@ -1,4 +1,4 @@
-"""Checkpoints that resume a run exactly: safetensors weights + optimizer, scheduler, RNG and loop state.
+"""Checkpoints that resume a run exactly: safetensors weights + optimizer, LR scheduler, RNG and loop state.
 
 Layout: <root>/step-000010/{model.safetensors, trainer.pt, meta.json}. A checkpoint is written into a
 temporary directory and renamed into place, so a killed run never leaves a half-written one.
@@ -60,7 +60,7 @@ def save_checkpoint(
     step: int,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
     fingerprint: dict,
     keep: int = 2,
 ) -> str:
@@ -72,7 +72,7 @@ def save_checkpoint(
         safetensors.torch.save_model(model, os.path.join(tmp, "model.safetensors"))
         torch.save({
             "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
+            "scheduler": lr_scheduler.state_dict(),  # the key every checkpoint has used
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
         }, os.path.join(tmp, "trainer.pt"))
@@ -95,15 +95,15 @@ def load_checkpoint(
     path: str,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
     fingerprint: dict,
 ) -> int:
-    """Restore weights, optimizer, scheduler and RNG from `path` (after checking the model); returns its step."""
+    """Restore weights, optimizer, LR scheduler and RNG from `path` (model checked first); return its step."""
     check_compatible(path, fingerprint)
     safetensors.torch.load_model(model, os.path.join(path, "model.safetensors"))
     state = torch.load(os.path.join(path, "trainer.pt"), weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    lr_scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))

@@ -19,7 +19,7 @@ CORRECTIONS = ("none", "is", "tis", "retrace", "mask", "seq_geo")
 
 @dataclass(frozen=True)
 class CorrectionConfig:
-    """Which correction and its constants: C (tis, seq_geo truncation), λ (retrace), [lo, hi] (mask, seq_geo)."""
+    """A correction and its constants: C (tis, seq_geo truncation), λ (retrace), [lo, hi] (mask, seq_geo)."""
 
     name: str = "tis"
     clip: float = 2.0
@@ -38,7 +38,9 @@ class CorrectionConfig:
                              f"(in (0,1]), mask=[{self.mask_low}, {self.mask_high}] (lo <= 1 <= hi)")
 
 
-def correction_weights(log_ratio: torch.Tensor, mask: torch.Tensor, cfg: CorrectionConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def correction_weights(
+    log_ratio: torch.Tensor, mask: torch.Tensor, cfg: CorrectionConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token weights w [B, T] and a bool tensor of tokens the correction clipped or masked.
 
     `log_ratio` = log π_θ − log π_β [B, T] (padding anywhere where `mask` is False), clamped to ±50 so a token
@@ -50,7 +52,8 @@ def correction_weights(log_ratio: torch.Tensor, mask: torch.Tensor, cfg: Correct
     - retrace: w_t = Π_{s≤t} λ·min(1, ρ_s)               (cumulative truncated trace: a token's weight decays
                                                           after any earlier token the target likes less)
     - mask:    w_t = ρ_t · 1[lo ≤ ρ_t ≤ hi]              (IcePop / masked IS: drop tokens too far off-policy)
-    - seq_geo: ρ̄ = exp(mean_t log ρ_t) per sequence;    w_t = min(ρ̄, C) (truncate) or ρ̄ · 1[lo ≤ ρ̄ ≤ hi] (mask)
+    - seq_geo: ρ̄ = exp(mean_t log ρ_t) per sequence;    w_t = min(ρ̄, C) (truncate)
+                                                         or ρ̄ · 1[lo ≤ ρ̄ ≤ hi] (mask)
     """
     log_ratio = log_ratio.detach().clamp(-50.0, 50.0).masked_fill(~mask, 0.0)
     ratio = log_ratio.exp()

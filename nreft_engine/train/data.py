@@ -11,6 +11,8 @@ import os
 import random
 from dataclasses import dataclass
 
+from nreft_engine.chat import chat_prompt_ids
+
 logger = logging.getLogger(__name__)
 
 DATASETS = ("arithmetic", "gsm8k", "svamp", "math")
@@ -45,7 +47,8 @@ def arithmetic_task(seed: int = 0, difficulty: int = 1, num_heldout: int = 200) 
     Difficulty 1: a + b with a, b in [0, 20]; 2: a ± b in [0, 99]; 3: three operands with + - *.
     """
     if difficulty not in _ARITHMETIC_LEVELS:
-        raise ValueError(f"arithmetic difficulty must be one of {sorted(_ARITHMETIC_LEVELS)}, got {difficulty}")
+        levels = sorted(_ARITHMETIC_LEVELS)
+        raise ValueError(f"arithmetic difficulty must be one of {levels}, got {difficulty}")
     high, ops, count = _ARITHMETIC_LEVELS[difficulty]
     space = (high + 1) ** count * len(ops) ** (count - 1)
     if num_heldout >= space // 2:
@@ -109,10 +112,12 @@ def _to_problem(name: str, path: str, row: dict) -> Problem:
         answer = _column(row, "answer", name, path)
         if "####" not in answer:
             raise ValueError(f"gsm8k answer without '#### <number>' in {path}: {answer[-80:]!r}")
-        return Problem(_column(row, "question", name, path), answer.split("####")[-1].strip().replace(",", ""))
+        final = answer.split("####")[-1].strip().replace(",", "")
+        return Problem(_column(row, "question", name, path), final)
     if name == "svamp":
         body, question = _column(row, "Body", name, path), _column(row, "Question", name, path)
-        return Problem(f"{body.strip()} {question.strip()}", _format_number(_column(row, "Answer", name, path)))
+        answer = _format_number(_column(row, "Answer", name, path))
+        return Problem(f"{body.strip()} {question.strip()}", answer)
     question = _column(row, "problem", name, path)
     if row.get("answer") is not None:
         return Problem(question, str(row["answer"]))
@@ -148,12 +153,7 @@ INSTRUCTION = "Answer with just the number."
 
 def render_prompts(tokenizer, problems: list[Problem], system: str = INSTRUCTION) -> list[list[int]]:
     """Token ids of each problem as a chat turn (system instruction + user question), ready to generate."""
-    ids = []
-    for p in problems:
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": p.question}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids.append(tokenizer.encode(text, add_special_tokens=False))
-    return ids
+    return [chat_prompt_ids(tokenizer, p.question, system) for p in problems]
 
 
 def batch_at(task: Task, step: int, batch_size: int, seed: int) -> list[Problem]:

@@ -19,7 +19,7 @@ from nreft_engine.kernels.sampler import filter_logits
 
 @dataclass(frozen=True)
 class LogitFilter:
-    """The rollout's sampling filter; temperature 0 (greedy) scores under temperature 1, as the sampler does."""
+    """The rollout's sampling filter; temperature 0 (greedy) scores at temperature 1, as the sampler does."""
 
     temperature: float = 1.0
     top_k: int = 0
@@ -36,13 +36,19 @@ class LogitFilter:
                              full(self.top_p, torch.float32), full(self.min_p, torch.float32))
 
 
-def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, filt: LogitFilter) -> torch.Tensor:
+def _chunk_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, filt: LogitFilter
+) -> torch.Tensor:
     logits = filt(hidden @ weight.t())
     return logits.log_softmax(dim=-1).gather(1, targets[:, None]).squeeze(1)
 
 
 def head_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, filt: LogitFilter, chunk_size: int = 1024
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    filt: LogitFilter,
+    chunk_size: int = 1024,
 ) -> torch.Tensor:
     """log p(targets[i] | hidden[i]) for hidden [N, H], LM-head weight [V, H], targets [N] -> fp32 [N].
 

@@ -12,62 +12,32 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from nreft_engine import Engine, SamplingParams, SkipPolicy
+from nreft_engine import Engine, SamplingParams
 from nreft_engine.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     model_fingerprint,
     save_checkpoint,
 )
-from nreft_engine.train.corrections import CorrectionConfig, ratio_stats
-from nreft_engine.train.data import INSTRUCTION, Problem, Task, batch_at, render_prompts
+from nreft_engine.train.config import TrainConfig
+from nreft_engine.train.corrections import ratio_stats
+from nreft_engine.train.data import Problem, Task, batch_at, render_prompts
 from nreft_engine.train.logprobs import LogitFilter, group_logprobs
 from nreft_engine.train.metrics import MetricsLog, plot_metrics, read_metrics
-from nreft_engine.train.objectives import ObjectiveConfig, group_advantages, loss_normalizer, policy_loss
+from nreft_engine.train.objectives import group_advantages, loss_normalizer, policy_loss
 from nreft_engine.train.rewards import RewardFn, compute_rewards
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainConfig:
-    """Everything a run depends on besides the model, the task and the reward functions."""
-
-    steps: int = 30
-    prompts_per_step: int = 4
-    group_size: int = 8
-    max_tokens: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    skip_ratio: float = 0.25
-    protect_first: int = 1
-    protect_last: int = 1
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    ppo_epochs: int = 1
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    correction: CorrectionConfig = field(default_factory=CorrectionConfig)
-    eval_every: int = 0
-    eval_max_tokens: int = 8
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    seed: int = 0
-    chunk_size: int = 1024
-    system_prompt: str = INSTRUCTION
-
-
-@dataclass
 class Rollout:
-    """One step's samples: per prompt, its token ids and G completions with behaviour log-probs and rewards."""
+    """One step's samples: per prompt, its token ids and G completions with behaviour log-probs, rewards."""
 
     prompt_ids: list[list[int]]
     completions: list[list[list[int]]]
@@ -78,7 +48,7 @@ class Rollout:
 
 
 class Trainer:
-    """Runs Nested-ReFT on `model` (trained in place) and writes metrics, a plot and checkpoints to `output_dir`."""
+    """Runs Nested-ReFT on `model` (trained in place); writes metrics, a plot, checkpoints to `output_dir`."""
 
     def __init__(
         self,
@@ -99,7 +69,7 @@ class Trainer:
         self.engine = engine or Engine(model, tokenizer, kv_cache_memory=kv_cache_memory)
         self.fingerprint = model_fingerprint(model, model_name)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.reference = self._frozen_copy(model) if config.objective.kl_beta > 0 else None
         self.filter = LogitFilter(config.temperature, config.top_k, config.top_p, config.min_p)
         self.checkpoint_dir = os.path.join(output_dir, "checkpoints")
@@ -126,10 +96,8 @@ class Trainer:
         cfg = self.config
         prompt_ids = render_prompts(self.tokenizer, problems, cfg.system_prompt)
         seed = cfg.seed * 1_000_003 + step
-        params = SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                min_p=cfg.min_p, max_tokens=cfg.max_tokens, seed=seed)
-        skip = SkipPolicy(cfg.skip_ratio, cfg.protect_first, cfg.protect_last, seed=seed) if cfg.skip_ratio > 0 else None
-        outs = self.engine.generate(prompt_ids, params, skip=skip)
+        skip = cfg.skip_policy(cfg.skip_ratio, seed) if cfg.skip_ratio > 0 else None
+        outs = self.engine.generate(prompt_ids, cfg.sampling_params(seed), skip=skip)
         flat = [(o, c, p) for o, p in zip(outs, problems) for c in o.outputs]
         rewards = compute_rewards(
             self.rewards,
@@ -169,7 +137,9 @@ class Trainer:
                     old[i] = logp.detach()
                     if self.reference is not None:
                         with torch.no_grad():
-                            ref[i] = _pad(group_logprobs(self.reference, prompt, group, self.filter, cfg.chunk_size))
+                            ref_logp = group_logprobs(self.reference, prompt, group, self.filter,
+                                                      cfg.chunk_size)
+                            ref[i] = _pad(ref_logp)
                 loss, log_ratio, corrected = policy_loss(
                     logp, old[i], _pad(rollout.behaviour_logprobs[i]), advantages[i], masks[i],
                     cfg.objective, cfg.correction, normalizer, ref.get(i),
@@ -181,7 +151,7 @@ class Trainer:
                     stats_parts.append((log_ratio, masks[i], corrected))
             grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)))
             self.optimizer.step()  # a no-op without gradients; keeps the schedule tied to the step count
-            self.scheduler.step()
+            self.lr_scheduler.step()
             losses.append(total)
         record = {"loss": losses[0] if losses else 0.0, "grad_norm": grad_norms[0] if grad_norms else 0.0,
                   "trained_groups": len(active), "train_tokens": tokens}
@@ -211,16 +181,14 @@ class Trainer:
     def rollout_throughput(self, skip_ratio: float) -> dict[str, float]:
         """Rollout tokens/s of the full model and of the nested model at `skip_ratio` on the same workload.
 
-        Both sample the first step's prompts with the training settings and ignore EOS, so they do the same work.
+        Both sample the first step's prompts with the training settings and ignore EOS: they do the same work.
         """
         cfg = self.config
         prompt_ids = render_prompts(self.tokenizer, batch_at(self.task, 0, cfg.prompts_per_step, cfg.seed),
                                     cfg.system_prompt)
-        params = SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                min_p=cfg.min_p, max_tokens=cfg.max_tokens, seed=cfg.seed, ignore_eos=True)
+        params = cfg.sampling_params(cfg.seed, ignore_eos=True)
         result = {}
-        for name, skip in (("full", None), ("nested", SkipPolicy(skip_ratio, cfg.protect_first, cfg.protect_last,
-                                                                 seed=cfg.seed))):
+        for name, skip in (("full", None), ("nested", cfg.skip_policy(skip_ratio, cfg.seed))):
             self.engine.generate(prompt_ids, params, skip=skip)
             result[f"{name}_tokens_per_s"] = self.engine.last_stats.tokens_per_second
         return result
@@ -233,10 +201,12 @@ class Trainer:
         start = 0
         found = latest_checkpoint(self.checkpoint_dir)
         if found and resume:
-            start = load_checkpoint(found, self.model, self.optimizer, self.scheduler, self.fingerprint)
+            start = load_checkpoint(found, self.model, self.optimizer, self.lr_scheduler, self.fingerprint)
             logger.info("resumed from %s (step %d)", found, start)
         elif found:
-            raise ValueError(f"{self.output_dir} already holds checkpoints; resume, or choose another --output-dir")
+            raise ValueError(
+                f"{self.output_dir} already holds checkpoints; resume, or choose another --output-dir"
+            )
         # the first evaluation also checks the reward functions, before anything is written
         first_eval = self.evaluate() if start == 0 else None
         log = MetricsLog(self.metrics_path, resume_step=start)
@@ -246,12 +216,13 @@ class Trainer:
         for step in bar:
             record = self.train_step(step)
             log.write(record)
-            bar.set_postfix(reward=f"{record['reward_mean']:.2f}", tok_s=f"{record['rollout_tokens_per_s']:.0f}")
+            bar.set_postfix(reward=f"{record['reward_mean']:.2f}",
+                            tok_s=f"{record['rollout_tokens_per_s']:.0f}")
             done = step + 1
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                 log.write({"type": "eval", "step": done, **self.evaluate()})
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
-                save_checkpoint(self.checkpoint_dir, done, self.model, self.optimizer, self.scheduler,
+                save_checkpoint(self.checkpoint_dir, done, self.model, self.optimizer, self.lr_scheduler,
                                 self.fingerprint, cfg.keep_checkpoints)
         records = read_metrics(self.metrics_path)
         if not any(r["type"] == "eval" and r["step"] == cfg.steps for r in records):
@@ -262,8 +233,9 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         """One rollout + update; returns the step's metrics record."""
+        cfg = self.config
         t0 = time.perf_counter()
-        rollout = self.rollout(step, batch_at(self.task, step, self.config.prompts_per_step, self.config.seed))
+        rollout = self.rollout(step, batch_at(self.task, step, cfg.prompts_per_step, cfg.seed))
         t1 = time.perf_counter()
         record = self.update(rollout)
         t2 = time.perf_counter()
@@ -275,7 +247,7 @@ class Trainer:
             "reward_std": rollout.rewards.std(unbiased=False).item(),
             "completion_len_mean": sum(lengths) / max(1, len(lengths)),
             "skipped_layers": list(rollout.skipped_layers),
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": self.lr_scheduler.get_last_lr()[0],
             "rollout_tokens_per_s": rollout.tokens_per_second,
             "train_tokens_per_s": record["train_tokens"] / (t2 - t1) if t2 > t1 else 0.0,
             "rollout_s": t1 - t0,

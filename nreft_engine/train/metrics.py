@@ -41,13 +41,15 @@ def plot_metrics(records: list[dict], path: str) -> str:
     steps = [r for r in records if r.get("type") == "train"]
     evals = [r for r in records if r.get("type") == "eval"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot([r["step"] for r in steps], [r["reward_mean"] for r in steps], label="train reward (nested rollouts)")
+    train_steps = [r["step"] for r in steps]
+    axes[0].plot(train_steps, [r["reward_mean"] for r in steps], label="train reward (nested rollouts)")
     axes[0].set_title("reward")
-    axes[1].plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-", label="held-out (full model, greedy)")
+    axes[1].plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-",
+                 label="held-out (full model, greedy)")
     axes[1].set_title("held-out accuracy")
     axes[1].set_ylim(0, 1)
-    axes[2].plot([r["step"] for r in steps], [r["rollout_tokens_per_s"] for r in steps], label="rollout (nested)")
-    axes[2].plot([r["step"] for r in steps], [r["train_tokens_per_s"] for r in steps], label="training (full)")
+    axes[2].plot(train_steps, [r["rollout_tokens_per_s"] for r in steps], label="rollout (nested)")
+    axes[2].plot(train_steps, [r["train_tokens_per_s"] for r in steps], label="training (full)")
     axes[2].set_title("tokens/s")
     for ax in axes:
         ax.set_xlabel("step")

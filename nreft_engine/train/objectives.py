@@ -1,4 +1,4 @@
-"""The GRPO family of objectives: group advantages, PPO clipping, off-policy weights, optional KL to a reference."""
+"""GRPO-family objectives: group advantages, PPO clipping, off-policy weights, optional KL to a reference."""
 
 from __future__ import annotations
 
@@ -25,13 +25,15 @@ class ObjectiveConfig:
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"unknown loss aggregation {self.aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+            raise ValueError(
+                f"unknown loss aggregation {self.aggregation!r}; choose one of {', '.join(AGGREGATIONS)}"
+            )
         if not (0 <= self.eps_low < 1 and self.eps_high >= 0 and self.kl_beta >= 0):
             raise ValueError(f"need 0 <= eps_low < 1, eps_high >= 0, kl_beta >= 0; got {self}")
 
 
 def group_advantages(rewards: torch.Tensor, scale_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
-    """A = r − mean(group), divided by the group's std for GRPO (not for Dr.GRPO). rewards [P, G] -> [P, G]."""
+    """A = r − mean(group), divided by the group's std for GRPO (not Dr.GRPO). rewards [P, G] -> [P, G]."""
     centered = rewards - rewards.mean(dim=1, keepdim=True)
     if not scale_std:
         return centered

@@ -20,7 +20,7 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 def extract_answer(completion: str) -> str | None:
-    """The final answer of a completion: after GSM8K's '####', else the last \\boxed{}, else the last number."""
+    """A completion's final answer: after GSM8K's '####', else the last \\boxed{}, else the last number."""
     if "####" in completion:
         numbers = _NUMBER.findall(completion.split("####")[-1])
         return numbers[0].replace(",", "") if numbers else None
@@ -69,7 +69,9 @@ def resolve_reward(spec: str) -> RewardFn:
     if spec in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[spec]
     if ":" not in spec:
-        raise ValueError(f"unknown reward {spec!r}: use one of {', '.join(BUILTIN_REWARDS)} or 'module:function'")
+        raise ValueError(
+            f"unknown reward {spec!r}: use one of {', '.join(BUILTIN_REWARDS)} or 'module:function'"
+        )
     module_name, attr = spec.split(":", 1)
     fn = getattr(importlib.import_module(module_name), attr, None)
     if not callable(fn):
@@ -90,9 +92,13 @@ def compute_rewards(
         values = list(fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns))
         name = getattr(fn, "__name__", repr(fn))
         if len(values) != len(completions):
-            raise ValueError(f"reward function {name} returned {len(values)} values for {len(completions)} completions")
+            raise ValueError(
+                f"reward function {name} returned {len(values)} values for {len(completions)} completions"
+            )
         for i, v in enumerate(values):
             if v is None or not math.isfinite(float(v)):
-                raise ValueError(f"reward function {name} returned {v!r} for completion {i}; rewards must be finite")
+                raise ValueError(
+                    f"reward function {name} returned {v!r} for completion {i}; rewards must be finite"
+                )
             total[i] += float(v)
     return total
