@@ -41,6 +41,7 @@ __all__ = [
     "linear_packed",
     "pack_linear_weight",
     "paged_decode_attention_cpu",
+    "prefill_attention_by_rows",
     "rms_norm_cpu",
     "rope_write_kv_cpu",
     "sample_cpu",
@@ -67,31 +68,52 @@ def can_pack_linear() -> bool:
 
 class PackedLinear(NamedTuple):
     """A weight [out, in] copied into two layouts: oneDNN's blocked one (an opaque mkldnn tensor) for batches,
-    `pack_rows16`'s [ceil(out / 16), in, 16] for a few rows, where the matmul only streams the weight."""
+    `pack_rows16`'s [ceil(out / 16), in, 16] for a few rows, where the matmul only streams the weight.
+    Without the oneDNN copy (None) every row count runs the small-batch kernel, which computes each row
+    the same way whatever the batch: batch-invariant."""
 
-    onednn: torch.Tensor
+    onednn: torch.Tensor | None
     rows16: torch.Tensor
     out_features: int
 
 
-def pack_linear_weight(weight: torch.Tensor) -> PackedLinear:
-    """`weight` [out, in] (float32 / bfloat16) copied into both layouts of `PackedLinear`."""
+def pack_linear_weight(weight: torch.Tensor, onednn: bool = True) -> PackedLinear:
+    """`weight` [out, in] (float32 / bfloat16) copied into both layouts of `PackedLinear` (with `onednn`
+    False, the small-batch one only)."""
     if weight.dtype not in PACKED_LINEAR_DTYPES or weight.dim() != 2:
         raise ValueError(
             f"can only pack 2-D float32/bfloat16 weights, got {weight.dtype} {tuple(weight.shape)}"
         )
     weight = weight.detach().contiguous()
-    return PackedLinear(
-        torch.ops.mkldnn._reorder_linear_weight(weight), _C.pack_rows16(weight), weight.shape[0]
-    )
+    blocked = torch.ops.mkldnn._reorder_linear_weight(weight) if onednn else None
+    return PackedLinear(blocked, _C.pack_rows16(weight), weight.shape[0])
 
 
 def linear_packed(x: torch.Tensor, weight: PackedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W.T + bias with W from `pack_linear_weight`; x [..., in] of W's dtype, any number of rows (up to
-    ROWS16_MAX_ROWS through the small-batch kernel, more through oneDNN)."""
-    if x.numel() <= ROWS16_MAX_ROWS.get(x.dtype, 0) * x.shape[-1]:
+    ROWS16_MAX_ROWS through the small-batch kernel, more through oneDNN; all of them through the small-batch
+    kernel when W has no oneDNN copy)."""
+    if weight.onednn is None or x.numel() <= ROWS16_MAX_ROWS.get(x.dtype, 0) * x.shape[-1]:
         return _C.linear_rows16_cpu(x, weight.rows16, bias, weight.out_features)
     return torch.ops.mkldnn._linear_pointwise(x, weight.onednn, bias, "none", [], "")
+
+
+def prefill_attention_by_rows(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Causal attention over packed prompts (`prefill_attention_reference`'s signature) computed by the C++
+    decode kernel, each token as a query over its prompt's keys up to itself: every row is then exactly what
+    a decode step computes for it, whatever the batch. q, k, v of one dtype, float32 or bfloat16;
+    head_dim a multiple of 16."""
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds, bounds[1:]):
+        n = end - start
+        table = torch.arange(n, dtype=torch.int32).expand(n, n)  # one token per block, every row alike
+        lens = torch.arange(1, n + 1, dtype=torch.int32)
+        keys, values = k[start:end].unsqueeze(1), v[start:end].unsqueeze(1)
+        out[start:end] = _C.paged_decode_attention_cpu(q[start:end], keys, values, table, lens, float(scale))
+    return out
 
 
 def _autograd(*tensors) -> bool:

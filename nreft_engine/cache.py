@@ -13,12 +13,61 @@ import torch
 
 from nreft_engine import _C
 
+MEMINFO = "/proc/meminfo"
+# cgroup v2, then v1: (limit, usage, stats, the stat of page cache the kernel reclaims first)
+CGROUP_MEMORY_FILES = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat",
+     "inactive_file"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+     "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"),
+)
+NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as 2^63 - 4096
+
 
 def available_memory(device: torch.device) -> int:
-    """Bytes free on `device` now (CUDA: the allocator's view; CPU: available physical memory)."""
+    """Bytes that can be allocated on `device` now: on CUDA the allocator's free memory; on the CPU the
+    kernel's MemAvailable (free memory plus the page cache it can reclaim), capped by the cgroup's limit
+    less its usage (inactive page cache not counted) where one is set."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    available = _meminfo_available()
+    for limit_file, usage_file, stat_file, reclaimable in CGROUP_MEMORY_FILES:
+        if os.path.exists(limit_file):
+            room = _cgroup_room(limit_file, usage_file, stat_file, reclaimable)
+            return available if room is None else min(available, room)
+    return available
+
+
+def _meminfo_available() -> int:
+    """MemAvailable of /proc/meminfo; sysconf's free pages where it is missing (not Linux, kernel < 3.14)."""
+    try:
+        with open(MEMINFO) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _cgroup_room(limit_file: str, usage_file: str, stat_file: str, reclaimable: str) -> int | None:
+    """Bytes left under the cgroup's memory limit, or None when it sets none (or cannot be read)."""
+    try:
+        with open(limit_file) as f:
+            limit = f.read().strip()
+        if limit == "max" or int(limit) >= NO_LIMIT:
+            return None
+        with open(usage_file) as f:
+            usage = int(f.read())
+    except (OSError, ValueError):
+        return None
+    try:
+        with open(stat_file) as f:
+            stats = dict(line.split() for line in f if line.strip())
+        usage -= int(stats.get(reclaimable, 0))
+    except (OSError, ValueError):
+        pass
+    return max(int(limit) - usage, 0)
 
 
 def resolve_budget(kv_cache_memory: float | int, device: torch.device) -> int:

@@ -74,10 +74,11 @@ class Decoder:
         self.linears = [LayerLinears.from_weights(layer, prepack) for layer in weights.layers]
         self.lm_head = FusedLinear([weights.lm_head], prepack=prepack)
 
-    def refresh_packed_weights(self) -> int:
-        """Re-prepare the prepacked weights whose parameters changed in place; returns how many were."""
+    def refresh_packed_weights(self, force: bool = False) -> int:
+        """Re-prepare the prepacked weights whose parameters changed in place (all with `force`); returns how
+        many were."""
         fused = [linear for layer in self.linears for linear in layer.all()] + [self.lm_head]
-        return sum(linear.refresh() for linear in fused)
+        return sum(linear.refresh(force) for linear in fused)
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs, plan: LayerPlan, cache: PagedKVCache) -> torch.Tensor:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Sequence as Seq
 
 import torch
 from tqdm.auto import tqdm
 
+from nreft_engine import ops
 from nreft_engine.linear import default_prepack
 from nreft_engine.models.loader import load_model, model_spec
 from nreft_engine.outputs import CompletionOutput, GenerationStats, RequestOutput
 from nreft_engine.runner import ModelRunner
-from nreft_engine.sampling_params import SamplingParams
+from nreft_engine.sampling_params import SamplingParams, as_int
 from nreft_engine.scheduler import Scheduler
 from nreft_engine.sequence import Sequence
 from nreft_engine.skip import SkipSpec, resolve_plan
@@ -37,6 +39,13 @@ class Engine:
     CUDA graphs (one per batch bucket and skip set) unless `enforce_eager`. With `async_scheduling`
     (default: on CUDA) a decode step is launched before the previous step's tokens reach the host, so the
     scheduling work overlaps the device's; the outputs are the same.
+
+    One `generate` runs at a time: calls from other threads wait their turn, and each gets its own outputs.
+    The same settings, seeds and batch composition give bit-identical outputs. Another batch (other prompts,
+    preemption) gives the same distribution, tokens equal up to the float rounding of the matmuls and
+    log-probs within ~1e-4 (fp32), unless `batch_invariant` (CPU only): then each row is computed the same way
+    whatever its batch, so outputs are bit-identical across batches too (the linears run the small-batch
+    kernel at every row count, from one packed copy of the weights: batches and prefill slower).
     """
 
     def __init__(
@@ -53,17 +62,25 @@ class Engine:
         enforce_eager: bool = False,
         max_graph_context: int = 8192,
         async_scheduling: bool | None = None,
+        batch_invariant: bool = False,
     ):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.model = model
         self.tokenizer = tokenizer
         self.spec = model_spec(model)
+        param = next(model.parameters())
+        if batch_invariant:
+            ops.check_batch_invariant(param.device, param.dtype, self.spec.head_dim)
+            if prepack_weights is False:
+                raise ValueError("batch_invariant=True runs on packed weights; leave prepack_weights at None")
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
         limit = self.spec.max_position_embeddings
         self.max_model_len = min(max_model_len or limit, limit)
-        device = next(model.parameters()).device
+        device = param.device
+        if prepack_weights is None:
+            prepack_weights = batch_invariant or default_prepack(model, device)
         self.runner = ModelRunner(
             model,
             self.spec,
@@ -71,13 +88,15 @@ class Engine:
             block_size=block_size,
             max_num_seqs=max_num_seqs,
             max_model_len=self.max_model_len,
-            prepack_weights=default_prepack(model, device) if prepack_weights is None else prepack_weights,
+            prepack_weights=prepack_weights,
             cuda_graphs=device.type == "cuda" and not enforce_eager,
             max_graph_context=max_graph_context,
             async_scheduling=device.type == "cuda" if async_scheduling is None else async_scheduling,
+            batch_invariant=batch_invariant,
         )
         self.last_stats: GenerationStats | None = None
         self._next_seq_id = 0
+        self._lock = threading.Lock()  # one generate (or weight reload) at a time: they share the KV cache
 
     @classmethod
     def from_pretrained(
@@ -93,7 +112,15 @@ class Engine:
 
     def reload_weights(self) -> None:
         """Re-read the model's parameter tensors: needed only if parameters were replaced, not updated."""
-        self.runner.reload_weights()
+        with self._lock:
+            self.runner.reload_weights()
+
+    def refresh_packed_weights(self, force: bool = False) -> int:
+        """Re-pack the weights whose parameters changed in place; returns how many. `generate` does it itself,
+        seeing changes by the parameters' version counters; ops that do not move them (fused optimizers such
+        as AdamW(fused=True), writes through `.data`) need `force=True` once per update."""
+        with self._lock:
+            return self.runner.refresh_packed_weights(force)
 
     def generate(
         self,
@@ -106,7 +133,12 @@ class Engine:
 
         `skip` is a SkipPolicy (a fresh random skip set for this call), explicit layer ids, a LayerPlan,
         or None (full model). The plan is fixed for the whole call and reported in every output.
+        Concurrent calls run one after another, in turn (see the class docstring).
         """
+        with self._lock:
+            return self._generate(prompts, params, skip, use_tqdm)
+
+    def _generate(self, prompts: Seq[Prompt], params, skip: SkipSpec, use_tqdm: bool) -> list[RequestOutput]:
         requests = self._requests(prompts, params)
         if not requests:
             return []
@@ -128,7 +160,8 @@ class Engine:
                 stats.add_step(batch.prefill, batch.num_tokens, appended, elapsed, *out.graph_capture_cost)
                 bar.update(len(finished))
         bar.close()
-        stats.finish(scheduler.num_preemptions, scheduler.peak_running, scheduler.num_used_blocks)
+        s = scheduler
+        stats.finish(s.num_preemptions, s.peak_running, s.peak_used_blocks, s.num_used_blocks)
         self.last_stats = stats
         logger.debug("generate: %s", stats)
         return [self._request_output(i, prompts[i], group, plan.skipped) for i, group in enumerate(groups)]
@@ -163,11 +196,25 @@ class Engine:
         if len(params) != count:
             raise ValueError(f"got {len(params)} SamplingParams for {count} prompts")
         for p in params:
-            if p.n > self.max_num_seqs:
-                raise ValueError(f"n={p.n} exceeds max_num_seqs={self.max_num_seqs}; raise max_num_seqs")
-            if p.stop_strings and self.tokenizer is None:
-                raise ValueError(f"stop strings {p.stop_strings} need a tokenizer; the engine has none")
+            self._check_params(p)
         return list(params)
+
+    def _check_params(self, p: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: the engine's limits and the model's vocabulary."""
+        if not isinstance(p, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {p!r} ({type(p).__name__})")
+        vocab = self.spec.vocab_size
+        if p.n > self.max_num_seqs:
+            raise ValueError(f"n={p.n} exceeds max_num_seqs={self.max_num_seqs}; raise max_num_seqs")
+        if p.stop_strings and self.tokenizer is None:
+            raise ValueError(f"stop strings {p.stop_strings} need a tokenizer; the engine has none")
+        if p.logprobs is not None and p.logprobs > vocab:
+            raise ValueError(
+                f"logprobs={p.logprobs} exceeds the model's vocabulary of {vocab} tokens; ask for fewer"
+            )
+        bad = [t for t in p.stop_token_ids if t >= vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids {bad[:5]} are outside the model's vocabulary [0, {vocab})")
 
     def _encode(self, index: int, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -175,7 +222,10 @@ class Engine:
                 raise ValueError(f"prompt {index} is text but the engine has no tokenizer; pass token ids")
             ids = self.tokenizer.encode(prompt)
         else:
-            ids = [int(t) for t in prompt]
+            if hasattr(prompt, "tolist"):  # a tensor or an array: Python scalars of its dtype
+                prompt = prompt.tolist()
+            ids = [t if type(t) is int else as_int(t, f"prompt {index}'s token {j}")
+                   for j, t in enumerate(prompt)]
         if not ids:
             raise ValueError(f"prompt {index} is empty")
         bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]

@@ -57,12 +57,13 @@ class FusedLinear:
     def _source_versions(self) -> tuple[int, ...]:
         return tuple(_version(t) for t in self.sources + [b for b in self.biases if b is not None])
 
-    def refresh(self) -> bool:
-        """Re-prepare the fused weight if a source changed since the last call; True if it did."""
+    def refresh(self, force: bool = False) -> bool:
+        """Re-prepare the fused weight if a source's version counter moved since the last call (or `force`);
+        True if it did."""
         if not self.prepack:
             return False
         versions = self._source_versions()
-        if versions == self._versions:
+        if versions == self._versions and not force:
             return False
         with torch.no_grad():
             weight = torch.cat(self.sources) if len(self.sources) > 1 else self.sources[0]

@@ -7,12 +7,18 @@ chosen once, at import, from two switches: `NREFT_FORCE_TRITON=1` sends CPU tens
 too (with TRITON_INTERPRET=1: how the engine's Triton path is checked without a GPU), and
 `NREFT_CPU_KERNELS=0` sends CPU tensors to the torch references instead of the C++ kernels.
 `configure` changes the choice later (tests do).
+
+Within `batch_invariant()` (an engine with `batch_invariant=True` runs its steps there) the CPU ops compute
+each row of a batch the same way whatever the other rows: the linears run the small-batch kernel for every
+row count, prefill attention runs the decode kernel per token; the other C++ kernels already work row by row.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -28,6 +34,8 @@ from nreft_engine.kernels import rope as rope_kernels
 from nreft_engine.kernels import sampler as sampler_kernels
 
 __all__ = [
+    "batch_invariant",
+    "check_batch_invariant",
     "configure",
     "filter_logits",
     "linear",
@@ -95,6 +103,36 @@ def configure(force_triton: bool | None = None, use_cpu_kernels: bool | None = N
 
 _choice: _Choice
 configure()
+_batch_invariant: ContextVar[bool] = ContextVar("nreft_batch_invariant", default=False)  # per thread
+
+
+@contextlib.contextmanager
+def batch_invariant(enabled: bool = True) -> Iterator[None]:
+    """A scope (of this thread) in which the ops are batch-invariant, as the module docstring says."""
+    token = _batch_invariant.set(enabled)
+    try:
+        yield
+    finally:
+        _batch_invariant.reset(token)
+
+
+def check_batch_invariant(device: torch.device, dtype: torch.dtype, head_dim: int) -> None:
+    """ValueError, saying why, unless `batch_invariant()` makes a model's steps batch-invariant on `device`:
+    the CPU with the C++ kernels and oneDNN, float32/bfloat16, head_dim a multiple of 16."""
+    native = [name for name in _MODULES if hasattr(cpu_kernels, f"{name}_cpu")]
+    if device.type != "cpu":
+        problem = f"runs on the CPU only, not on {device}"
+    elif not can_prepack_linear(device) or any(
+        _choice.ops[name].cpu is not getattr(cpu_kernels, f"{name}_cpu") for name in native
+    ):
+        problem = "needs the C++ CPU kernels and oneDNN (unset NREFT_CPU_KERNELS=0 and NREFT_FORCE_TRITON=1)"
+    elif dtype not in cpu_kernels.PACKED_LINEAR_DTYPES:
+        problem = f"needs a float32 or bfloat16 model, not {dtype}"
+    elif head_dim % 16:
+        problem = f"needs a head_dim that is a multiple of 16, not {head_dim}"
+    else:
+        return
+    raise ValueError(f"batch_invariant=True {problem}; pass batch_invariant=False")
 
 
 def can_prepack_linear(device: torch.device) -> bool:
@@ -104,9 +142,9 @@ def can_prepack_linear(device: torch.device) -> bool:
 
 def prepare_linear_weight(weight: torch.Tensor) -> torch.Tensor | cpu_kernels.PackedLinear:
     """`weight` [out, in] in the layout `linear` runs fastest with: the CPU kernels' packed copies (see
-    kernels/cpu.py), the weight itself otherwise."""
+    kernels/cpu.py; within `batch_invariant()` the small-batch kernel's only), the weight itself otherwise."""
     if can_prepack_linear(weight.device) and weight.dtype in cpu_kernels.PACKED_LINEAR_DTYPES:
-        return cpu_kernels.pack_linear_weight(weight)
+        return cpu_kernels.pack_linear_weight(weight, onednn=not _batch_invariant.get())
     return weight
 
 
@@ -137,7 +175,10 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
 
 
 def prefill_attention(q, k, v, cu_seqlens, scale: float) -> torch.Tensor:
-    """Causal attention over packed prompts; see kernels/prefill_attention.py."""
+    """Causal attention over packed prompts; see kernels/prefill_attention.py (within `batch_invariant()`, on
+    the CPU: `cpu_kernels.prefill_attention_by_rows`)."""
+    if q.device.type == "cpu" and _batch_invariant.get():
+        return cpu_kernels.prefill_attention_by_rows(q, k, v, cu_seqlens, scale)
     return _choice.ops["prefill_attention"].on(q)(q, k, v, cu_seqlens, scale)
 
 

@@ -43,6 +43,7 @@ class GenerationStats:
     kv_cache_bytes: int = 0
     num_blocks: int = 0
     used_blocks_at_end: int = 0
+    peak_used_blocks: int = 0
     graph_captures: int = 0  # CUDA graphs captured by this call (each new skip set needs its own)
     graph_capture_seconds: float = 0.0  # included in decode_seconds
     skipped_layers: tuple[int, ...] = field(default_factory=tuple)
@@ -67,11 +68,19 @@ class GenerationStats:
         self.graph_captures += captures
         self.graph_capture_seconds += capture_seconds
 
-    def finish(self, num_preemptions: int, peak_running: int, used_blocks_at_end: int) -> None:
+    def finish(
+        self, num_preemptions: int, peak_running: int, peak_used_blocks: int, used_blocks_at_end: int
+    ) -> None:
         """The scheduler's counters at the end of the call."""
         self.num_preemptions = num_preemptions
         self.peak_running = peak_running
+        self.peak_used_blocks = peak_used_blocks
         self.used_blocks_at_end = used_blocks_at_end
+
+    @property
+    def peak_kv_cache_bytes(self) -> int:
+        """KV bytes the call's sequences held at most (of `kv_cache_bytes` laid out for the active layers)."""
+        return self.kv_cache_bytes * self.peak_used_blocks // self.num_blocks if self.num_blocks else 0
 
     @property
     def seconds(self) -> float:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nreft_engine import ops
 from nreft_engine.cache import PagedKVCache, resolve_budget
 from nreft_engine.decoder import Decoder, StepInputs
 from nreft_engine.graphs import DecodeGraphs
@@ -49,6 +50,7 @@ class ModelRunner:
         cuda_graphs: bool,
         max_graph_context: int,
         async_scheduling: bool,
+        batch_invariant: bool,
     ):
         self.model = model
         self.spec = spec
@@ -61,6 +63,7 @@ class ModelRunner:
         self.cuda_graphs = cuda_graphs
         self.max_graph_context = min(max_graph_context, max_model_len)
         self.async_scheduling = async_scheduling
+        self.batch_invariant = batch_invariant  # packs and steps within ops.batch_invariant()
         self.sampler = Sampler(spec.eos_token_ids)
         budget = resolve_budget(kv_cache_memory, self.device)
         self.kv_buffer = torch.empty(budget // param.element_size(), dtype=self.dtype, device=self.device)
@@ -73,7 +76,8 @@ class ModelRunner:
         """Re-read the model's parameter tensors (needed only when parameters were replaced, not updated)."""
         cos, sin = rope_tables(self.model, self.max_model_len, self.device)
         weights = DecoderWeights.from_model(self.model)
-        self.decoder = Decoder(self.spec, weights, cos, sin, self.prepack_weights)
+        with ops.batch_invariant(self.batch_invariant):
+            self.decoder = Decoder(self.spec, weights, cos, sin, self.prepack_weights)
         if self.cuda_graphs:
             blocks = -(-self.max_graph_context // self.block_size)
             self.graphs = DecodeGraphs(self.decoder, self.max_num_seqs, blocks, self.device)
@@ -81,10 +85,15 @@ class ModelRunner:
     def prepare(self, plan: LayerPlan) -> PagedKVCache:
         """Ready a call that runs `plan`: packed weights in step with the parameters, the cache laid out for
         its active layers."""
-        self.decoder.refresh_packed_weights()
+        self.refresh_packed_weights()
         self._ahead = None
         kv_heads, head_dim = self.spec.num_kv_heads, self.spec.head_dim
         return PagedKVCache(self.kv_buffer, plan.num_active, self.block_size, kv_heads, head_dim)
+
+    def refresh_packed_weights(self, force: bool = False) -> int:
+        """Re-pack the weights whose parameters changed in place (all with `force`); returns how many were."""
+        with ops.batch_invariant(self.batch_invariant):
+            return self.decoder.refresh_packed_weights(force)
 
     @property
     def has_step_ahead(self) -> bool:
@@ -124,7 +133,8 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.fits(inputs):
             logits = self.graphs.run(inputs, plan, cache)
         else:
-            logits = self.decoder.forward(inputs, plan, cache)
+            with ops.batch_invariant(self.batch_invariant):
+                logits = self.decoder.forward(inputs, plan, cache)
         rows = logits[to_device(batch.sample_rows, logits.device)] if batch.prefill else logits
         sampled = self.sampler(rows, batch.seqs)
         for seq in batch.seqs:

@@ -40,8 +40,9 @@ class SampledStep:
 class Sampler:
     """Draws the next token of each sequence from its logits row, with its own seeded RNG stream.
 
-    Each sequence owns a generator and consumes one uniform per token, so a sequence's samples do not
-    depend on which other sequences share its batch (preemption and batching leave outputs unchanged).
+    Each sequence owns a generator and consumes one uniform per token, so a sequence's draws do not depend
+    on which other sequences share its batch, nor on preemption; its logits do only through the float
+    rounding of the matmuls, unless the engine is batch-invariant (see Engine).
     Nothing here waits for the device: the results come back through `SampledStep.to_host`.
     """
 

@@ -55,6 +55,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.peak_running = 0
+        self.peak_used_blocks = 0
 
     @property
     def num_used_blocks(self) -> int:
@@ -99,6 +100,7 @@ class Scheduler:
         if leads:
             self.running.extend(seqs)
             self.peak_running = max(self.peak_running, len(self.running))
+            self.peak_used_blocks = max(self.peak_used_blocks, self.blocks.num_used_blocks)
             return Batch(True, leads, seqs, sample_rows=rows, num_tokens=tokens, slots=slots)
         return self._schedule_decode()
 
@@ -161,6 +163,7 @@ class Scheduler:
         """A one-token step of `seqs` (row i samples for seqs[i]) with their block tables."""
         width = -(-max(s.num_scheduled_tokens for s in seqs) // self.block_size)
         tables = self.blocks.block_tables([s.seq_id for s in seqs], width)
+        self.peak_used_blocks = max(self.peak_used_blocks, self.blocks.num_used_blocks)
         return Batch(
             False, seqs, seqs, sample_rows=list(range(len(seqs))), num_tokens=len(seqs), slots=slots,
             block_tables=tables, copies=copies, previous_rows=previous_rows,

@@ -6,6 +6,8 @@ import random
 from dataclasses import dataclass
 from typing import Sequence, Union
 
+from nreft_engine.sampling_params import as_int
+
 
 @dataclass(frozen=True)
 class LayerPlan:
@@ -15,6 +17,7 @@ class LayerPlan:
     skipped: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "skipped", tuple(as_int(i, "each skipped layer id") for i in self.skipped))
         bad = [i for i in self.skipped if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(f"skipped layer ids {bad} are outside [0, {self.num_layers})")
@@ -56,6 +59,7 @@ class SkipPolicy:
                 f"protect_first/protect_last must be >= 0, got {self.protect_first}, {self.protect_last}"
             )
         self._rng = random.Random(self.seed)
+        self._key_seed = self.seed if self.seed is not None else random.SystemRandom().getrandbits(62)
 
     def eligible(self, num_layers: int) -> list[int]:
         """Layer ids that may be skipped."""
@@ -74,8 +78,17 @@ class SkipPolicy:
 
     def plan(self, num_layers: int) -> LayerPlan:
         """Draw the next skip set."""
+        return self._draw(self._rng, num_layers)
+
+    def plan_for(self, num_layers: int, *key: int) -> LayerPlan:
+        """The skip set of `key` (e.g. a training step and a rank), drawn from the seed and the key alone: the
+        same key always gets the same set, whatever was drawn before (a trainer resumed mid-run, many
+        ranks)."""
+        return self._draw(random.Random(repr((self._key_seed, *key))), num_layers)
+
+    def _draw(self, rng: random.Random, num_layers: int) -> LayerPlan:
         count = self.num_skipped(num_layers)
-        return LayerPlan(num_layers, tuple(self._rng.sample(self.eligible(num_layers), count)))
+        return LayerPlan(num_layers, tuple(rng.sample(self.eligible(num_layers), count)))
 
 
 SkipSpec = Union[SkipPolicy, LayerPlan, Sequence[int], None]
@@ -91,4 +104,9 @@ def resolve_plan(skip: SkipSpec, num_layers: int) -> LayerPlan:
         if skip.num_layers != num_layers:
             raise ValueError(f"LayerPlan is for {skip.num_layers} layers, the model has {num_layers}")
         return skip
-    return LayerPlan(num_layers, tuple(int(i) for i in skip))
+    if isinstance(skip, (str, bytes)) or not hasattr(skip, "__iter__"):
+        raise TypeError(
+            f"skip must be a SkipPolicy, a LayerPlan, a list of layer ids or None, got {skip!r} "
+            f"({type(skip).__name__})"
+        )
+    return LayerPlan(num_layers, tuple(skip))

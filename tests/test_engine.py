@@ -156,6 +156,18 @@ def test_kv_bytes_scale_with_active_layers_and_admit_more_sequences():
     assert half_stats.peak_running >= 1.8 * full_stats.peak_running
 
 
+def test_peak_kv_bytes_in_use_fall_with_the_skipped_layers():
+    engine = Engine(make_tiny_model("llama", num_hidden_layers=8), kv_cache_memory=1 << 22, block_size=16)
+    params = SamplingParams(n=2, max_tokens=20, ignore_eos=True, seed=0)
+    engine.generate(PROMPTS, params)
+    full = engine.last_stats
+    engine.generate(PROMPTS, params, skip=[1, 2, 3, 4])
+    half = engine.last_stats
+    assert full.peak_used_blocks == half.peak_used_blocks > 0  # the same sequences, the same blocks
+    assert half.peak_kv_cache_bytes * 2 == full.peak_kv_cache_bytes
+    assert full.peak_kv_cache_bytes == full.peak_used_blocks * kv_cache_bytes(8, 16, 2, 16, 4)
+
+
 def test_preemption_keeps_outputs_identical():
     model = make_tiny_model("qwen2")
     params = SamplingParams(n=4, temperature=1.0, max_tokens=40, seed=3, ignore_eos=True)
