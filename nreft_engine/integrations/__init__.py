@@ -1,0 +1,1 @@
+"""Integrations with the RL trainers people already use (each imports its trainer: install the extra)."""
