@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -118,10 +119,34 @@ def _logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
 
 
 def test_skip_policy_draws_one_set_per_optimizer_step_reproducibly(tmp_path):
-    policy = SkipPolicy(0.5, seed=3)
-    trainer, _ = run_trainer(tmp_path, skip=policy, steps_per_generation=2, per_device_train_batch_size=2)
+    policy = SkipPolicy(0.25, seed=3)
+    model = tiny_policy(num_hidden_layers=8)[0]
+    trainer, _ = run_trainer(tmp_path, skip=policy, model=model, max_steps=3)
     sets = [r["nreft/skipped_layers"] for r in trainer.state.log_history if "loss" in r]
-    assert sets == [" ".join(map(str, policy.plan_for(4, step, 0).skipped)) for step in range(2)]
+    assert sets == [" ".join(map(str, policy.plan_for(8, step, 0).skipped)) for step in range(3)]
+    assert len(set(sets)) > 1
+
+
+def test_micro_batches_of_one_step_share_its_skip_set_but_not_their_samples(tmp_path):
+    """Gradient accumulation: two rollouts per optimizer step, the same prompts, one skip set."""
+    calls = []
+    trainer, _ = run_trainer(
+        tmp_path, skip=SkipPolicy(0.5, seed=3), max_steps=1, gradient_accumulation_steps=2,
+        per_device_train_batch_size=2, num_generations=2,
+    )
+    assert trainer.state.global_step == 1
+    generation = trainer.nreft_generation
+    plan = generation.plan
+
+    def recording(step, rank, training):
+        calls.append(plan(step, rank, training))
+        return calls[-1]
+
+    generation.plan = recording
+    first = generation.generate(prompts=[[4, 5, 6]] * 2)
+    second = generation.generate(prompts=[[4, 5, 6]] * 2)
+    assert calls[0] == calls[1] and calls[0].skipped
+    assert first[1] != second[1]
 
 
 @pytest.mark.parametrize(
@@ -134,6 +159,8 @@ def test_skip_policy_draws_one_set_per_optimizer_step_reproducibly(tmp_path):
         (dict(model="gpt2"), "this architecture is not supported"),
         (dict(peft_config=object()), "PEFT"),
         (dict(config=dict(repetition_penalty=1.2)), "repetition_penalty"),
+        (dict(config=dict(fsdp="full_shard")), "FSDP and DeepSpeed ZeRO-3"),
+        (dict(config=dict(use_vllm=True)), "use_vllm=False"),
     ],
 )
 def test_bad_setups_fail_before_training_with_nothing_written(tmp_path, setup, message):
@@ -175,8 +202,15 @@ def test_two_ranks_under_torchrun_each_generate_their_own_rows(tmp_path):
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            WORKER, str(tmp_path)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        _, stderr = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:  # timed out: stop torchrun and both ranks
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert run.returncode == 0, stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for rank in ranks:
         assert rank["steps"] == 2 and len(rank["rows"]) == 2 * 2  # 2 steps x its 2 of the step's 4 rows

@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+import torch
 from datasets import Dataset
 from test_train_support import char_tokenizer, tiny_policy, token_reward
 from trl import GRPOConfig
@@ -40,6 +41,7 @@ def main(out_dir: str) -> None:
     rank = trainer.accelerator.process_index
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"steps": trainer.state.global_step, "rows": rows, "prompts": prompts}, f)
+    torch.distributed.destroy_process_group()  # gloo's threads, left running at exit, abort the process
 
 
 if __name__ == "__main__":

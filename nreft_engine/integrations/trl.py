@@ -202,6 +202,9 @@ class NestedGRPOTrainer(GRPOTrainer):
         return self.nreft_generation.engine
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.model.training and self.nreft_generation.last_skipped is not None:
-            logs["nreft/skipped_layers"] = " ".join(map(str, self.nreft_generation.last_skipped))
+        """TRL's log, plus the skip set of the latest training rollout since the last log."""
+        generation = self.nreft_generation
+        if self.model.training and generation.last_skipped is not None:
+            logs["nreft/skipped_layers"] = " ".join(map(str, generation.last_skipped))
+            generation.last_skipped = None
         super().log(logs, start_time)
