@@ -80,6 +80,12 @@ def resolve_budget(kv_cache_memory: float | int, device: torch.device) -> int:
         return int(kv_cache_memory * available_memory(device))
     if kv_cache_memory <= 0:
         raise ValueError(f"kv_cache_memory must be positive, got {kv_cache_memory}")
+    available = available_memory(device)
+    if kv_cache_memory > available:
+        raise ValueError(
+            f"kv_cache_memory={kv_cache_memory} bytes is more than the {available} bytes available on "
+            f"{device}; ask for less, or for a fraction such as 0.1"
+        )
     return kv_cache_memory
 
 

@@ -64,3 +64,12 @@ def test_train_options_reach_the_config():
     assert not config.objective.scale_std
     assert config.correction.name == "mask" and config.correction.clip == 3.0
     assert config.steps == 2 and args.kv_cache_memory == 1 << 26 and isinstance(args.kv_cache_memory, int)
+
+
+@pytest.mark.parametrize("text, value", [
+    ("0.1", 0.1), ("1.0", 1.0), (".5", 0.5), ("67108864", 1 << 26), ("512MiB", 512 << 20),
+    ("64MB", 64 * 10**6), ("0.5 GiB", 1 << 29), ("4096KiB", 1 << 22),
+])
+def test_kv_cache_memory_is_a_fraction_with_a_decimal_point_or_a_size(text, value):
+    parsed = build_parser().parse_args(["bench", "--kv-cache-memory", text]).kv_cache_memory
+    assert parsed == value and type(parsed) is type(value)  # float: a fraction; int: bytes (as in the API)

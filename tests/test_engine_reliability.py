@@ -355,3 +355,8 @@ def test_batch_invariant_refuses_what_it_cannot_keep():
     finally:
         ops.configure()
     assert Engine(model, kv_cache_memory=1 << 22, batch_invariant=True).runner.prepack_weights is True
+
+
+def test_a_kv_budget_beyond_the_memory_available_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"kv_cache_memory=1000000000000000 bytes is more than the \d+"):
+        Engine(make_tiny_model("llama"), kv_cache_memory=10**15)

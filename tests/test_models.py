@@ -206,3 +206,38 @@ def test_a_full_disk_loads_the_gguf_from_memory_with_a_warning(embedded_cache, t
     assert loaded.dtype == torch.bfloat16 and not loaded.training
     assert model_spec(loaded) == model_spec(model)
     assert_same_model(model.to(torch.bfloat16), tokenizer, loaded, loaded_tokenizer)
+
+
+@pytest.mark.parametrize("damage", ["truncate model.safetensors", "remove the manifest"])
+def test_a_damaged_cached_conversion_is_rebuilt_with_a_warning(tmp_path, monkeypatch, caplog, damage):
+    from test_train_support import char_tokenizer
+
+    gguf = tmp_path / "tiny.gguf"  # only its bytes matter: they key the cache
+    gguf.write_bytes(b"GGUF tiny stand-in")
+    conversions = []
+
+    def convert(path):
+        conversions.append(path)
+        return make_tiny_model("llama", seed=5), char_tokenizer()
+
+    monkeypatch.setattr(loader, "_convert_gguf", convert)
+    cache = tmp_path / "cache"
+    model, _ = load_model(str(gguf), cache_dir=str(cache))
+    (cached,) = cache.iterdir()
+    if damage == "remove the manifest":
+        (cached / "nreft-manifest.json").unlink()
+        named = cached / "nreft-manifest.json"
+    else:
+        named = cached / "model.safetensors"
+        cut = tmp_path / "cut"  # a new file: the loaded model may still map the old one's pages
+        cut.write_bytes(named.read_bytes()[:100])
+        os.replace(cut, named)
+    with caplog.at_level(logging.WARNING, logger=loader.__name__):
+        again, _ = load_model(str(gguf), cache_dir=str(cache))
+    assert len(conversions) == 2 and f"({named} " in caplog.text and "converting it again" in caplog.text
+    assert [p.name for p in cache.iterdir()] == [cached.name]
+    for (name, ours), theirs in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(ours, theirs), name
+    caplog.clear()
+    load_model(str(gguf), cache_dir=str(cache))
+    assert len(conversions) == 2 and not caplog.text  # intact again: loaded from the cache

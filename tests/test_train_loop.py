@@ -7,28 +7,16 @@ import os
 
 import pytest
 import torch
-from test_train_support import tiny_policy, token_reward
+from test_train_support import tiny_trainer as _trainer
 
 from nreft_engine import SamplingParams
 from nreft_engine.cli import main as cli_main
-from nreft_engine.train.config import TrainConfig
-from nreft_engine.train.data import arithmetic_task, render_prompts
+from nreft_engine.train.data import render_prompts
 from nreft_engine.train.logprobs import group_logprobs
 from nreft_engine.train.loop import Trainer
 from nreft_engine.train.metrics import read_metrics
 
 TIMING_KEYS = {"rollout_tokens_per_s", "train_tokens_per_s", "rollout_s", "train_s"}
-
-
-def _trainer(out_dir, seed=0, steps=4, **overrides) -> Trainer:
-    model, tok = tiny_policy(seed=seed)
-    task = arithmetic_task(0, num_heldout=8)
-    settings = {"steps": steps, "prompts_per_step": 2, "group_size": 4, "max_tokens": 5, "eval_max_tokens": 5,
-                "lr": 3e-3, "temperature": 1.0, "skip_ratio": 0.25, "protect_first": 1, "protect_last": 1,
-                "save_every": 2}
-    cfg = TrainConfig(**{**settings, **overrides})
-    return Trainer(model, tok, task, [token_reward], token_reward, cfg, str(out_dir), f"tiny-{seed}",
-                   kv_cache_memory=2**24)
 
 
 def test_engine_reads_the_updated_weights(tmp_path):
@@ -83,6 +71,9 @@ def test_checkpoint_from_another_model_is_refused_untouched(tmp_path):
     snapshot = {p: os.path.getmtime(p) for p in (tmp_path / "metrics.jsonl", tmp_path / "checkpoints")}
     lines = (tmp_path / "metrics.jsonl").read_text()
     other = _trainer(tmp_path, seed=1, steps=2)
+    with pytest.raises(ValueError, match="holds a run with another config .model: 'tiny-0' -> 'tiny-1'."):
+        other.train()
+    os.remove(tmp_path / "run_config.json")  # a run of an older version: the checkpoint's fingerprint decides
     message = "is from another model .*model: checkpoint 'tiny-0' vs now 'tiny-1'"
     with pytest.raises(ValueError, match=message):
         other.train()

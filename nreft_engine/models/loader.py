@@ -1,22 +1,28 @@
 """Load a supported causal LM and its tokenizer: embedded default, GGUF file, local directory, or hub id.
 
 GGUF files are converted once by transformers and cached as safetensors (keyed by content), so later loads
-are fast.
-The architecture is checked from the config before any weights are read.
+are fast; a manifest of the cached files' sizes and sha256 is checked on every load, and a damaged cache is
+converted again. The architecture is checked from the config before any weights are read. A file that
+cannot be read is a ValueError naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
 import shutil
+import struct
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
@@ -39,6 +45,7 @@ EMBEDDED_MODELS: dict[str, tuple[str, str, str]] = {
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _CACHE_HEADROOM = 64 * 2**20  # bytes kept free beyond the weights: tokenizer files and the file system
+_MANIFEST = "nreft-manifest.json"  # in a cached conversion: each other file's size and sha256, written last
 
 
 def default_cache_dir() -> str:
@@ -89,14 +96,25 @@ def model_spec(model: PreTrainedModel) -> ModelSpec:
     return ModelSpec.from_config(model.config, getattr(model, "generation_config", None))
 
 
+@contextlib.contextmanager
+def _reading(what: str, errors: tuple[type[BaseException], ...]) -> Iterator[None]:
+    """Turn the `errors` a parser raises on a bad file into a ValueError naming `what` was being read."""
+    try:
+        yield
+    except errors as error:
+        raise ValueError(f"cannot read {what}: {error}") from error
+
+
 def _load_pretrained(
     path: str, dtype: torch.dtype, local_files_only: bool
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
-    config = AutoConfig.from_pretrained(path, local_files_only=local_files_only)
+    with _reading(f"the config of {path}", (OSError, ValueError, StrictDataclassError)):
+        config = AutoConfig.from_pretrained(path, local_files_only=local_files_only)
     check_supported(config)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, config=config, dtype=dtype, attn_implementation="sdpa", local_files_only=local_files_only
-    )
+    with _reading(f"the weights in {path}", (OSError, SafetensorError)):
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=dtype, attn_implementation="sdpa", local_files_only=local_files_only
+        )
     has_tokenizer = not local_files_only or any(
         os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES
     )
@@ -122,15 +140,87 @@ def _load_gguf(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Convert the GGUF file once into a safetensors directory under `cache_root`, then load from there.
 
-    The cache is keyed by the file's content, so reinstalling the same file reuses it. Where the cache cannot
-    be written (no room, no permission) the converted model is used from memory and a warning says why.
+    The cache is keyed by the file's content, so reinstalling the same file reuses it; one that does not
+    match its manifest is replaced, with a warning. Where the cache cannot be written (no room, no
+    permission) the converted model is used from memory and a warning says why.
     """
     target = os.path.join(cache_root, f"{Path(path).stem}-{_content_digest(path)}")
-    if not os.path.isfile(os.path.join(target, "config.json")):
-        model, tokenizer = _convert_gguf(path)
-        if not _save_converted(model, tokenizer, target):
-            return model.to(dtype).eval(), tokenizer
+    problem = _cache_problem(target)
+    if problem is None:
+        return _load_pretrained(target, dtype, local_files_only=True)
+    if os.path.exists(target):
+        logger.warning("The cached conversion of %s is damaged (%s): converting it again.", path, problem)
+        _discard(target)
+    model, tokenizer = _convert_gguf(path)
+    if not _save_converted(model, tokenizer, target):
+        return model.to(dtype).eval(), tokenizer
     return _load_pretrained(target, dtype, local_files_only=True)
+
+
+def file_manifest(folder: str, names: Iterable[str]) -> dict[str, dict]:
+    """Size and sha256 of each named file in `folder`, each fsynced first (its data are on the disk)."""
+    manifest = {}
+    for name in names:
+        with open(os.path.join(folder, name), "rb") as file:
+            os.fsync(file.fileno())
+            digest = hashlib.file_digest(file, "sha256").hexdigest()
+            manifest[name] = {"bytes": os.fstat(file.fileno()).st_size, "sha256": digest}
+    return manifest
+
+
+def write_file_atomically(path: str, data: bytes) -> None:
+    """Write `path` through a fsynced temp file renamed over it; an OSError names the file."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(f"cannot write {path} ({error.strerror or error})") from error
+
+
+def manifest_mismatch(folder: str, manifest: dict[str, dict | None]) -> str | None:
+    """Why the files of `folder` do not match `manifest` (naming the first bad file), or None if they all do.
+
+    A file whose entry is None only has to exist.
+    """
+    for name, expected in manifest.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{path} is missing"
+        if expected is None:
+            continue
+        if (size := os.path.getsize(path)) != expected["bytes"]:
+            return f"{path} has {size} bytes, {expected['bytes']} were written"
+        with open(path, "rb") as file:
+            if hashlib.file_digest(file, "sha256").hexdigest() != expected["sha256"]:
+                return f"{path} does not match the sha256 recorded when it was written"
+    return None
+
+
+def _cache_problem(target: str) -> str | None:
+    """Why the cached conversion at `target` cannot be used (absent or damaged), or None if it is intact."""
+    path = os.path.join(target, _MANIFEST)
+    try:
+        with open(path) as file:
+            manifest = json.load(file)
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except (OSError, ValueError) as error:
+        return f"{path} cannot be read ({error})"
+    return manifest_mismatch(target, manifest)
+
+
+def _discard(target: str) -> None:
+    """Move a damaged cached conversion aside and delete it (the conversion then writes a new one)."""
+    with contextlib.suppress(OSError):  # gone already (another load discarded it) or not writable
+        aside = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.damaged.")
+        os.replace(target, aside)
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _content_digest(path: str) -> str:
@@ -141,23 +231,26 @@ def _content_digest(path: str) -> str:
 def _convert_gguf(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Dequantize a GGUF file into an fp32 transformers model and its tokenizer."""
     directory, name = os.path.split(os.path.abspath(path))
-    config = AutoConfig.from_pretrained(directory, gguf_file=name)
+    damaged = (struct.error, ValueError, OSError, EOFError)  # what the GGUF reader raises on a bad file
+    with _reading(f"the GGUF file {path}", damaged):
+        config = AutoConfig.from_pretrained(directory, gguf_file=name)
     check_supported(config)
     logger.info("converting GGUF %s", path)
-    model = AutoModelForCausalLM.from_pretrained(
-        directory,
-        gguf_file=name,
-        config=config,
-        dtype=torch.float32,
-        attn_implementation="sdpa",
-        quantization_config=GgufConfig(dequantize=True),
-    )
-    return model, AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    with _reading(f"the GGUF file {path}", damaged):
+        model = AutoModelForCausalLM.from_pretrained(
+            directory,
+            gguf_file=name,
+            config=config,
+            dtype=torch.float32,
+            attn_implementation="sdpa",
+            quantization_config=GgufConfig(dequantize=True),
+        )
+        return model, AutoTokenizer.from_pretrained(directory, gguf_file=name)
 
 
 def _save_converted(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: str) -> bool:
-    """Save into `target` through a temp dir renamed at the end, so it is never partial; False if not
-    saved."""
+    """Save into `target` through a temp dir renamed at the end, its manifest written last, so it is never
+    partial; False if not saved."""
     root = os.path.dirname(target)
     storages = {t.untyped_storage().data_ptr(): t.nbytes for t in model.state_dict().values()}
     needed = _CACHE_HEADROOM + sum(storages.values())  # tied weights share a storage and are saved once
@@ -172,9 +265,11 @@ def _save_converted(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        manifest = file_manifest(tmp, sorted(os.listdir(tmp)))
+        write_file_atomically(os.path.join(tmp, _MANIFEST), json.dumps(manifest, indent=2).encode())
         os.replace(tmp, target)
     except (OSError, SafetensorError) as error:
-        if not os.path.isfile(os.path.join(target, "config.json")):  # else a concurrent conversion won
+        if _cache_problem(target) is not None:  # else a concurrent conversion won
             return _not_cached(target, f"writing it failed ({error})")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,11 +1,14 @@
 """Checkpoints that resume a run exactly: safetensors weights + optimizer, LR scheduler, RNG and loop state.
 
 Layout: <root>/step-000010/{model.safetensors, trainer.pt, meta.json}. A checkpoint is written into a
-temporary directory and renamed into place, so a killed run never leaves a half-written one.
+temporary directory, its files fsynced, then meta.json (with each file's size and sha256) last, and the
+directory renamed into place: a killed run never leaves a half-written one, and a file damaged later is
+found on load, which then falls back to the newest intact checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -17,10 +20,15 @@ import tempfile
 
 import safetensors.torch
 import torch
+from safetensors import SafetensorError
+
+from nreft_engine.models.loader import file_manifest, manifest_mismatch, write_file_atomically
 
 logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"step-(\d{6,})")
+_FILES = ("model.safetensors", "trainer.pt")
+_HEADROOM = 16 * 2**20  # bytes beyond the tensors: pickled state, meta.json, the file system
 
 
 def model_fingerprint(model: torch.nn.Module, name: str) -> dict:
@@ -37,18 +45,69 @@ def model_fingerprint(model: torch.nn.Module, name: str) -> dict:
     }
 
 
-def latest_checkpoint(root: str) -> str | None:
-    """The highest-step checkpoint directory under `root`, or None."""
+def checkpoint_steps(root: str) -> list[int]:
+    """The steps of the checkpoint directories under `root`, ascending (none if it does not exist)."""
     if not os.path.isdir(root):
-        return None
-    steps = [int(m.group(1)) for d in os.listdir(root) if (m := _STEP_DIR.fullmatch(d))]
-    return os.path.join(root, f"step-{max(steps):06d}") if steps else None
+        return []
+    return sorted(int(m.group(1)) for d in os.listdir(root) if (m := _STEP_DIR.fullmatch(d)))
+
+
+def latest_checkpoint(root: str) -> str | None:
+    """The newest intact checkpoint under `root` (a warning names each damaged newer one), or None if there
+    is none; a ValueError if every checkpoint there is damaged."""
+    damaged = []
+    for step in reversed(checkpoint_steps(root)):
+        path = os.path.join(root, f"step-{step:06d}")
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        logger.warning("checkpoint %s is damaged: %s; falling back to the one before", path, problem)
+        damaged.append(problem)
+    if damaged:
+        raise ValueError(f"every checkpoint under {root} is damaged ({'; '.join(damaged)}); "
+                         f"move them away to start the run again")
+    return None
+
+
+def resume_checkpoint(root: str, steps: int, resume: bool = True) -> str | None:
+    """The checkpoint under `root` that a run of `steps` steps resumes from (the newest intact one), or None.
+
+    A ValueError if there are checkpoints but not `resume`, or if that one is past `steps`.
+    """
+    if checkpoint_steps(root) and not resume:
+        raise ValueError(f"{root} already holds checkpoints; resume, or choose another --output-dir")
+    found = latest_checkpoint(root)
+    if found is not None and int(os.path.basename(found).removeprefix("step-")) > steps:
+        raise ValueError(f"steps={steps} is below the step of the checkpoint {found}; a run cannot be "
+                         f"shortened past its last checkpoint")
+    return found
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why the checkpoint at `path` cannot be loaded (naming the damaged file), or None if it is intact.
+
+    Checkpoints from before checksums (no "files" in meta.json) are only checked for their files' presence.
+    """
+    meta_path = os.path.join(path, "meta.json")
+    try:
+        meta = _read_meta(path)
+    except FileNotFoundError:
+        return f"{meta_path} is missing"
+    except (OSError, ValueError) as err:
+        return f"{meta_path} cannot be read ({err})"
+    if not isinstance(meta, dict) or not {"step", "fingerprint"} <= set(meta):
+        return f"{meta_path} lacks the step or the fingerprint"
+    return manifest_mismatch(path, meta.get("files") or {name: None for name in _FILES})
+
+
+def _read_meta(path: str) -> dict:
+    with open(os.path.join(path, "meta.json")) as f:
+        return json.load(f)
 
 
 def check_compatible(path: str, fingerprint: dict) -> None:
     """Raise a ValueError naming the differences if the checkpoint at `path` belongs to another model."""
-    with open(os.path.join(path, "meta.json")) as f:
-        saved = json.load(f)["fingerprint"]
+    saved = _read_meta(path)["fingerprint"]
     diff = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
     if diff:
         details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
@@ -63,32 +122,72 @@ def save_checkpoint(
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
     fingerprint: dict,
     keep: int = 2,
+    config: dict | None = None,
 ) -> str:
-    """Write checkpoint `step` atomically and delete all but the newest `keep`; returns its directory."""
-    os.makedirs(root, exist_ok=True)
+    """Write checkpoint `step` atomically (the run's `config` in its meta), then delete all but the newest
+    `keep` (0: none); returns its directory. An OSError names the checkpoint if it cannot be written."""
     final = os.path.join(root, f"step-{step:06d}")
-    tmp = tempfile.mkdtemp(prefix=f".step-{step:06d}-", dir=root)
     try:
-        safetensors.torch.save_model(model, os.path.join(tmp, "model.safetensors"))
-        torch.save({
-            "optimizer": optimizer.state_dict(),
-            "scheduler": lr_scheduler.state_dict(),  # the key every checkpoint has used
-            "torch_rng": torch.get_rng_state(),
-            "python_rng": random.getstate(),
-        }, os.path.join(tmp, "trainer.pt"))
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({"step": step, "fingerprint": fingerprint}, f, indent=2)
+        os.makedirs(root, exist_ok=True)
+        _remove_leftovers(root)
+        _check_room(root, model, optimizer)
+        tmp = tempfile.mkdtemp(prefix=f".step-{step:06d}-", dir=root)
+    except OSError as err:
+        raise OSError(f"cannot write checkpoint {final} ({err.strerror or err})") from err
+    try:
+        _write_files(tmp, model, optimizer, lr_scheduler)
+        files = file_manifest(tmp, _FILES)
+        meta = {"step": step, "fingerprint": fingerprint, "config": config, "files": files}
+        write_file_atomically(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=2).encode())
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+        _fsync_dir(root)
+    except (OSError, SafetensorError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+        free = shutil.disk_usage(root).free >> 20
+        raise OSError(f"cannot write checkpoint {final} ({free} MiB free): {err}") from err
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    steps = sorted(int(m.group(1)) for d in os.listdir(root) if (m := _STEP_DIR.fullmatch(d)))
-    for old in steps[:-keep] if keep > 0 else []:
+    for old in checkpoint_steps(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(os.path.join(root, f"step-{old:06d}"), ignore_errors=True)
     logger.info("saved checkpoint %s", final)
     return final
+
+
+def _remove_leftovers(root: str) -> None:
+    """Delete the temporary directories of saves that were killed (the run holds its folder's lock)."""
+    for name in os.listdir(root):
+        if name.startswith(".step-"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _check_room(root: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Raise an OSError before writing if `root` lacks the room for the weights and the optimizer state."""
+    tensors = [*model.state_dict().values(),
+               *(t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor))]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    needed = _HEADROOM + sum(storages.values())  # tied weights share a storage and are saved once
+    free = shutil.disk_usage(root).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"{root} has {free >> 20} MiB free and it needs {needed >> 20} MiB")
+
+
+def _write_files(folder: str, model, optimizer, lr_scheduler) -> None:
+    safetensors.torch.save_model(model, os.path.join(folder, "model.safetensors"))
+    torch.save({
+        "optimizer": optimizer.state_dict(),
+        "scheduler": lr_scheduler.state_dict(),  # the key every checkpoint has used
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+    }, os.path.join(folder, "trainer.pt"))
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(
@@ -107,5 +206,4 @@ def load_checkpoint(
     torch.set_rng_state(state["torch_rng"])
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
-    with open(os.path.join(path, "meta.json")) as f:
-        return int(json.load(f)["step"])
+    return int(_read_meta(path)["step"])

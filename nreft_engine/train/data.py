@@ -6,6 +6,7 @@ rendered with the tokenizer's chat template (`render_prompts`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -39,6 +40,11 @@ class Task:
     name: str
     train: list[Problem]
     heldout: list[Problem]
+
+    def __post_init__(self) -> None:
+        if not self.train or not self.heldout:
+            raise ValueError(f"task {self.name!r} has {len(self.train)} train and {len(self.heldout)} "
+                             f"held-out problems; training and evaluation need at least 1 of each")
 
 
 def arithmetic_task(seed: int = 0, difficulty: int = 1, num_heldout: int = 200) -> Task:
@@ -76,6 +82,8 @@ def load_task(
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if isinstance(num_heldout, bool) or not isinstance(num_heldout, int) or num_heldout < 1:
+        raise ValueError(f"--num-heldout {num_heldout!r}: must be an integer >= 1 (they measure accuracy)")
     if name == "arithmetic":
         return arithmetic_task(seed, difficulty, num_heldout)
     if not path:
@@ -90,14 +98,39 @@ def load_task(
 
 
 def _read_rows(path: str) -> list[dict]:
-    """Rows of a local json/jsonl file, or of a hub dataset's train split, through `datasets`."""
-    import datasets
-
+    """Rows of a local .json (a list of objects) or .jsonl (an object per line) file, or of a hub dataset's
+    train split (through `datasets`)."""
     if os.path.exists(path) or path.endswith((".json", ".jsonl")) or os.sep in path:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"dataset file not found: {path}")
-        return list(datasets.load_dataset("json", data_files=path, split="train"))
+        return _read_json_rows(path)
+    import datasets
+
     return list(datasets.load_dataset(path, split="train"))
+
+
+def _read_json_rows(path: str) -> list[dict]:
+    """The objects of a JSON list or of JSON lines; a ValueError names the file (and the line) if it has none
+    or is not JSON."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        raise ValueError(f"dataset file {path} is empty")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except ValueError as err:
+            raise ValueError(f"dataset file {path} is not JSON ({err})") from err
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            try:
+                rows += [json.loads(line)] if line.strip() else []
+            except ValueError as err:
+                raise ValueError(f"dataset file {path} line {n} is not JSON ({err})") from err
+    if not all(isinstance(row, dict) for row in rows):
+        raise ValueError(f"dataset file {path} must hold JSON objects (in a list, or one per line)")
+    return rows
 
 
 def _column(row: dict, key: str, name: str, path: str) -> str:

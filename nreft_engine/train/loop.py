@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 
 from nreft_engine import Engine, SamplingParams
 from nreft_engine.train.checkpoint import (
-    latest_checkpoint,
     load_checkpoint,
     model_fingerprint,
+    resume_checkpoint,
     save_checkpoint,
 )
 from nreft_engine.train.config import TrainConfig
@@ -31,6 +31,13 @@ from nreft_engine.train.logprobs import LogitFilter, group_logprobs
 from nreft_engine.train.metrics import MetricsLog, plot_metrics, read_metrics
 from nreft_engine.train.objectives import group_advantages, loss_normalizer, policy_loss
 from nreft_engine.train.rewards import RewardFn, compute_rewards
+from nreft_engine.train.run_dir import (
+    check_run_config,
+    hold_run_dir,
+    read_run_config,
+    run_record,
+    write_run_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +55,11 @@ class Rollout:
 
 
 class Trainer:
-    """Runs Nested-ReFT on `model` (trained in place); writes metrics, a plot, checkpoints to `output_dir`."""
+    """Runs Nested-ReFT on `model` (trained in place); writes metrics, a plot, checkpoints to `output_dir`.
+
+    `run_info` holds settings beyond the config that define the run (the CLI's dataset options); they are
+    recorded with the config and must match when the run is resumed.
+    """
 
     def __init__(
         self,
@@ -62,11 +73,16 @@ class Trainer:
         model_name: str,
         engine: Engine | None = None,
         kv_cache_memory: float = 0.1,
+        run_info: dict | None = None,
     ):
+        config.check()
         self.model, self.tokenizer, self.task, self.config = model, tokenizer, task, config
         self.rewards, self.accuracy_fn = rewards, accuracy_fn
         self.output_dir = output_dir
         self.engine = engine or Engine(model, tokenizer, kv_cache_memory=kv_cache_memory)
+        # a skip ratio the model's layers cannot take fails here, before any evaluation
+        config.skip_policy(config.skip_ratio, config.seed).num_skipped(self.engine.num_layers)
+        self.record = run_record(config, model_name, task, rewards, accuracy_fn, run_info)
         self.fingerprint = model_fingerprint(model, model_name)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -195,23 +211,43 @@ class Trainer:
 
     # --- the run ----------------------------------------------------------------------------------
 
-    def train(self, resume: bool = True) -> dict:
-        """Run (or resume) the configured steps; returns the metrics of the run's steps and evaluations."""
+    def train(self, resume: bool = True, allow_config_change: bool = False) -> dict:
+        """Run (or resume) the configured steps, holding the output dir's lock; returns the metrics of the
+        run's steps and evaluations. A resumed run must have the recorded config (see run_dir.py)."""
         cfg = self.config
-        start = 0
-        found = latest_checkpoint(self.checkpoint_dir)
-        if found and resume:
-            start = load_checkpoint(found, self.model, self.optimizer, self.lr_scheduler, self.fingerprint)
-            logger.info("resumed from %s (step %d)", found, start)
-        elif found:
-            raise ValueError(
-                f"{self.output_dir} already holds checkpoints; resume, or choose another --output-dir"
-            )
-        # the first evaluation also checks the reward functions, before anything is written
-        first_eval = self.evaluate() if start == 0 else None
-        log = MetricsLog(self.metrics_path, resume_step=start)
-        if first_eval is not None:
-            log.write({"type": "eval", "step": 0, **first_eval})
+        with hold_run_dir(self.output_dir):
+            start = self._resume(resume, allow_config_change)
+            # the first evaluation also checks the reward functions, before anything is written
+            first_eval = self.evaluate() if start == 0 else None
+            write_run_config(self.output_dir, self.record)
+            log = MetricsLog(self.metrics_path, resume_step=start)
+            if first_eval is not None:
+                log.write({"type": "eval", "step": 0, **first_eval})
+            self._run_steps(start, log)
+            records = read_metrics(self.metrics_path)
+            if not any(r["type"] == "eval" and r["step"] == cfg.steps for r in records):
+                log.write({"type": "eval", "step": cfg.steps, **self.evaluate()})
+                records = read_metrics(self.metrics_path)
+            plot_metrics(records, os.path.join(self.output_dir, "metrics.png"))
+        return {"records": records}
+
+    def _resume(self, resume: bool, allow_config_change: bool) -> int:
+        """Check the recorded config, load the newest intact checkpoint if any; return the step to start."""
+        if changes := check_run_config(self.output_dir, self.record, allow_config_change):
+            logger.warning("continuing the run in %s with changed settings: %s", self.output_dir, changes)
+        found = resume_checkpoint(self.checkpoint_dir, self.config.steps, resume)
+        if found is None:
+            return 0
+        if read_run_config(self.output_dir) is None:
+            logger.warning("%s has checkpoints but no recorded config (an older nreft-engine's run): "
+                           "resuming without checking it", self.output_dir)
+        start = load_checkpoint(found, self.model, self.optimizer, self.lr_scheduler, self.fingerprint)
+        logger.info("resumed from %s (step %d)", found, start)
+        return start
+
+    def _run_steps(self, start: int, log: MetricsLog) -> None:
+        """Steps `start`..steps with their periodic evaluations and checkpoints (always one at the end)."""
+        cfg = self.config
         bar = tqdm(range(start, cfg.steps), desc="nested-reft", unit="step", initial=start, total=cfg.steps)
         for step in bar:
             record = self.train_step(step)
@@ -223,13 +259,7 @@ class Trainer:
                 log.write({"type": "eval", "step": done, **self.evaluate()})
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
                 save_checkpoint(self.checkpoint_dir, done, self.model, self.optimizer, self.lr_scheduler,
-                                self.fingerprint, cfg.keep_checkpoints)
-        records = read_metrics(self.metrics_path)
-        if not any(r["type"] == "eval" and r["step"] == cfg.steps for r in records):
-            log.write({"type": "eval", "step": cfg.steps, **self.evaluate()})
-            records = read_metrics(self.metrics_path)
-        plot_metrics(records, os.path.join(self.output_dir, "metrics.png"))
-        return {"records": records}
+                                self.fingerprint, cfg.keep_checkpoints, config=self.record)
 
     def train_step(self, step: int) -> dict:
         """One rollout + update; returns the step's metrics record."""

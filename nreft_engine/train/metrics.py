@@ -3,32 +3,51 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+
+from nreft_engine.models.loader import write_file_atomically
+
+logger = logging.getLogger(__name__)
 
 
 class MetricsLog:
-    """Appends step records to `path`; on resume, drops records past the checkpoint's step first."""
+    """Appends step records to `path`; on resume, first drops the records past the checkpoint's step (and
+    an unfinished last line, left by a killed run, with a warning)."""
 
     def __init__(self, path: str, resume_step: int = 0):
         self.path = path
-        kept = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step] if resume_step else []
+        records = read_metrics(path, partial_last=True) if resume_step else []
+        if not resume_step and os.path.isfile(path) and os.path.getsize(path):
+            logger.warning("starting %s again from step 0: there is no checkpoint to resume from", path)
+        kept = "".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= resume_step)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(tmp, path)
+        write_file_atomically(path, kept.encode())
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise OSError(f"cannot append to {self.path} ({err.strerror or err})") from err
 
 
-def read_metrics(path: str) -> list[dict]:
-    """All records of a metrics.jsonl (an empty list if it does not exist)."""
+def read_metrics(path: str, partial_last: bool = False) -> list[dict]:
+    """All records of a metrics.jsonl (none if it does not exist); a line that is not JSON is a ValueError
+    naming it, unless it is the last one and `partial_last` (then it is dropped, with a warning)."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for n, line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError as err:
+            if not (partial_last and n == lines[-1][0]):
+                raise ValueError(f"{path} line {n} is not a JSON record ({err}): {line[:60]!r}") from err
+            logger.warning("dropping the unfinished last line %d of %s: %r", n, path, line[:60])
+    return records
 
 
 def plot_metrics(records: list[dict], path: str) -> str:

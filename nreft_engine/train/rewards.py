@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 
 from nreft_engine.train.data import last_boxed
@@ -65,7 +67,8 @@ BUILTIN_REWARDS: dict[str, RewardFn] = {"numeric": numeric_match, "math_verify":
 
 
 def resolve_reward(spec: str) -> RewardFn:
-    """A built-in reward by name, or a user's callable given as 'package.module:function'."""
+    """A built-in reward by name, or a user's callable given as 'package.module:function', imported (and so
+    run) from the current folder or the installed packages, as `python -m` would find it."""
     if spec in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[spec]
     if ":" not in spec:
@@ -73,7 +76,19 @@ def resolve_reward(spec: str) -> RewardFn:
             f"unknown reward {spec!r}: use one of {', '.join(BUILTIN_REWARDS)} or 'module:function'"
         )
     module_name, attr = spec.split(":", 1)
-    fn = getattr(importlib.import_module(module_name), attr, None)
+    if not module_name or not attr:
+        raise ValueError(f"reward {spec!r}: expected 'module:function'")
+    cwd = os.getcwd()
+    sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise ValueError(
+            f"reward {spec!r}: no module named {err.name!r} in {cwd} or the installed packages"
+        ) from err
+    finally:
+        sys.path.remove(cwd)
+    fn = getattr(module, attr, None)
     if not callable(fn):
         raise TypeError(f"reward {spec!r}: {module_name} has no callable {attr!r}")
     return fn
