@@ -83,35 +83,48 @@ class Decoder:
     @torch.inference_mode()
     def forward(self, inputs: StepInputs, plan: LayerPlan, cache: PagedKVCache) -> torch.Tensor:
         """Logits [num_sequences, vocab] at each sequence's last input token."""
-        spec, w = self.spec, self.weights
-        tokens = inputs.input_ids.shape[0]
-        hidden = F.embedding(inputs.input_ids, w.embed)
+        hidden = F.embedding(inputs.input_ids, self.weights.embed)
         residual = None
         for slot, layer_id in enumerate(plan.active_layers):
-            layer, linears = w.layers[layer_id], self.linears[layer_id]
-            x, residual = ops.rms_norm(hidden, layer.input_norm, spec.rms_norm_eps, residual)
-            q, k, v = linears.qkv(x)
-            q = q.view(tokens, spec.num_heads, spec.head_dim)
-            k = k.view(tokens, spec.num_kv_heads, spec.head_dim)
-            v = v.view(tokens, spec.num_kv_heads, spec.head_dim)
-            if layer.q_norm is not None:
-                q, _ = ops.rms_norm(q, layer.q_norm, spec.rms_norm_eps)
-                k, _ = ops.rms_norm(k, layer.k_norm, spec.rms_norm_eps)
-            k_cache, v_cache = cache.k[slot], cache.v[slot]
-            q, k = ops.rope_write_kv(
-                q, k, v, inputs.positions, self.cos, self.sin, k_cache, v_cache, inputs.slot_mapping
-            )
-            if inputs.prefill:
-                attn = ops.prefill_attention(q, k, v, inputs.cu_seqlens, self.scale)
-            else:
-                attn = ops.paged_decode_attention(
-                    q, k_cache, v_cache, inputs.block_tables, inputs.context_lens, self.scale
-                )
-            (hidden,) = linears.o(attn.reshape(tokens, -1))
-            x, residual = ops.rms_norm(hidden, layer.post_attention_norm, spec.rms_norm_eps, residual)
-            (hidden,) = linears.down(ops.silu_and_mul(*linears.gate_up(x)))
+            hidden, residual = self.layer(layer_id, slot, hidden, residual, inputs, cache)
         if inputs.prefill:
             hidden, residual = hidden[inputs.last_token_index], residual[inputs.last_token_index]
-        x, _ = ops.rms_norm(hidden, w.norm, spec.rms_norm_eps, residual)
+        x, _ = ops.rms_norm(hidden, self.weights.norm, self.spec.rms_norm_eps, residual)
         (logits,) = self.lm_head(x)
         return logits
+
+    def layer(
+        self,
+        layer_id: int,
+        slot: int,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        inputs: StepInputs,
+        cache: PagedKVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder layer `layer_id` (its K/V in cache slot `slot`) on the residual stream `hidden + residual`
+        (`hidden` alone before the first layer): the new (hidden, residual), whose sum is the stream after."""
+        spec, layer, linears = self.spec, self.weights.layers[layer_id], self.linears[layer_id]
+        tokens = inputs.input_ids.shape[0]
+        x, residual = ops.rms_norm(hidden, layer.input_norm, spec.rms_norm_eps, residual)
+        q, k, v = linears.qkv(x)
+        q = q.view(tokens, spec.num_heads, spec.head_dim)
+        k = k.view(tokens, spec.num_kv_heads, spec.head_dim)
+        v = v.view(tokens, spec.num_kv_heads, spec.head_dim)
+        if layer.q_norm is not None:
+            q, _ = ops.rms_norm(q, layer.q_norm, spec.rms_norm_eps)
+            k, _ = ops.rms_norm(k, layer.k_norm, spec.rms_norm_eps)
+        k_cache, v_cache = cache.k[slot], cache.v[slot]
+        q, k = ops.rope_write_kv(
+            q, k, v, inputs.positions, self.cos, self.sin, k_cache, v_cache, inputs.slot_mapping
+        )
+        if inputs.prefill:
+            attn = ops.prefill_attention(q, k, v, inputs.cu_seqlens, self.scale)
+        else:
+            attn = ops.paged_decode_attention(
+                q, k_cache, v_cache, inputs.block_tables, inputs.context_lens, self.scale
+            )
+        (hidden,) = linears.o(attn.reshape(tokens, -1))
+        x, residual = ops.rms_norm(hidden, layer.post_attention_norm, spec.rms_norm_eps, residual)
+        (hidden,) = linears.down(ops.silu_and_mul(*linears.gate_up(x)))
+        return hidden, residual

@@ -10,7 +10,7 @@ from typing import Sequence as Seq
 import torch
 from tqdm.auto import tqdm
 
-from nreft_engine import ops
+from nreft_engine import importance, ops
 from nreft_engine.linear import default_prepack
 from nreft_engine.models.loader import load_model, model_spec
 from nreft_engine.outputs import CompletionOutput, GenerationStats, RequestOutput
@@ -121,6 +121,13 @@ class Engine:
         as AdamW(fused=True), writes through `.data`) need `force=True` once per update."""
         with self._lock:
             return self.runner.refresh_packed_weights(force)
+
+    def layer_importance(self, prompts: Seq[Prompt]) -> list[float]:
+        """Each layer's block influence (ShortGPT): the mean over every token of `prompts` of 1 - cos of the
+        residual stream before and after it, full model, current weights; for SkipPolicy(importance=...)."""
+        ids = [ids for ids, _ in self._requests(prompts, None)]
+        with self._lock:
+            return importance.layer_importance(self.runner, ids, self.max_prefill_tokens)
 
     def generate(
         self,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import random
+import sys
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -44,12 +46,20 @@ class SkipPolicy:
 
     The first `protect_first` and last `protect_last` layers are never skipped. The draws come from a
     generator seeded once with `seed`, so a run is reproducible and every call gets a fresh skip set.
+
+    Without `importance` the eligible layers are equally likely (`random.sample`). With `importance` (one
+    value >= 0 per layer, e.g. `Engine.layer_importance`) the skip set is drawn without replacement, one layer
+    after another, each with probability proportional to exp(-importance_i / (temperature * m)) among the
+    eligible layers not yet drawn, m the mean importance of the eligible layers (all weights equal if m is 0):
+    temperature -> 0 skips the `count` least important layers, temperature -> inf is uniform.
     """
 
     ratio: float
     protect_first: int = 1
     protect_last: int = 1
     seed: int | None = None
+    importance: Sequence[float] | None = None
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.ratio < 1:
@@ -58,6 +68,10 @@ class SkipPolicy:
             raise ValueError(
                 f"protect_first/protect_last must be >= 0, got {self.protect_first}, {self.protect_last}"
             )
+        if self.importance is not None:
+            self.importance = _check_importance(self.importance)
+        if not self.temperature > 0:  # also NaN
+            raise ValueError(f"skip temperature must be > 0 (inf: uniform), got {self.temperature!r}")
         self._rng = random.Random(self.seed)
         self._key_seed = self.seed if self.seed is not None else random.SystemRandom().getrandbits(62)
 
@@ -88,7 +102,37 @@ class SkipPolicy:
 
     def _draw(self, rng: random.Random, num_layers: int) -> LayerPlan:
         count = self.num_skipped(num_layers)
-        return LayerPlan(num_layers, tuple(rng.sample(self.eligible(num_layers), count)))
+        if self.importance is None:
+            return LayerPlan(num_layers, tuple(rng.sample(self.eligible(num_layers), count)))
+        return LayerPlan(num_layers, self._weighted_sample(rng, num_layers, count))
+
+    def _weighted_sample(self, rng: random.Random, num_layers: int, count: int) -> tuple[int, ...]:
+        """`count` eligible layers drawn by the importance rule (class docstring) as Gumbel-top-k: the `count`
+        largest log-weight + Gumbel noise, the same distribution as drawing one layer after another."""
+        if len(self.importance) != num_layers:
+            raise ValueError(
+                f"SkipPolicy.importance has {len(self.importance)} values; the model has {num_layers} layers"
+            )
+        eligible = self.eligible(num_layers)
+        mean = sum(self.importance[i] for i in eligible) / max(len(eligible), 1)
+        keys = {}
+        for i in eligible:
+            log_weight = -(self.importance[i] / mean) / self.temperature if mean > 0 else 0.0
+            keys[i] = log_weight - math.log(-math.log(max(rng.random(), sys.float_info.min)))
+        return tuple(sorted(eligible, key=keys.__getitem__, reverse=True)[:count])
+
+
+def _check_importance(importance) -> tuple[float, ...]:
+    """`importance` as a tuple of floats, each finite and >= 0."""
+    if isinstance(importance, (str, bytes)) or not hasattr(importance, "__iter__"):
+        raise TypeError(f"SkipPolicy.importance must be a sequence of floats, got {importance!r}")
+    if hasattr(importance, "tolist"):  # a tensor or an array
+        importance = importance.tolist()
+    values = tuple(float(x) for x in importance)
+    bad = [(i, x) for i, x in enumerate(values) if not (math.isfinite(x) and x >= 0)]
+    if bad:
+        raise ValueError(f"SkipPolicy.importance must be finite and >= 0; got (layer, value) {bad[:5]}")
+    return values
 
 
 SkipSpec = Union[SkipPolicy, LayerPlan, Sequence[int], None]
