@@ -123,9 +123,11 @@ def save_checkpoint(
     fingerprint: dict,
     keep: int = 2,
     config: dict | None = None,
+    stateful: dict | None = None,
 ) -> str:
     """Write checkpoint `step` atomically (the run's `config` in its meta), then delete all but the newest
-    `keep` (0: none); returns its directory. An OSError names the checkpoint if it cannot be written."""
+    `keep` (0: none); returns its directory. An OSError names the checkpoint if it cannot be written.
+    `stateful` (name -> object with state_dict()) adds each object's state to trainer.pt under its name."""
     final = os.path.join(root, f"step-{step:06d}")
     try:
         os.makedirs(root, exist_ok=True)
@@ -135,7 +137,7 @@ def save_checkpoint(
     except OSError as err:
         raise OSError(f"cannot write checkpoint {final} ({err.strerror or err})") from err
     try:
-        _write_files(tmp, model, optimizer, lr_scheduler)
+        _write_files(tmp, model, optimizer, lr_scheduler, stateful or {})
         files = file_manifest(tmp, _FILES)
         meta = {"step": step, "fingerprint": fingerprint, "config": config, "files": files}
         write_file_atomically(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=2).encode())
@@ -172,13 +174,14 @@ def _check_room(root: str, model: torch.nn.Module, optimizer: torch.optim.Optimi
         raise OSError(errno.ENOSPC, f"{root} has {free >> 20} MiB free and it needs {needed >> 20} MiB")
 
 
-def _write_files(folder: str, model, optimizer, lr_scheduler) -> None:
+def _write_files(folder: str, model, optimizer, lr_scheduler, stateful: dict) -> None:
     safetensors.torch.save_model(model, os.path.join(folder, "model.safetensors"))
     torch.save({
         "optimizer": optimizer.state_dict(),
         "scheduler": lr_scheduler.state_dict(),  # the key every checkpoint has used
         "torch_rng": torch.get_rng_state(),
         "python_rng": random.getstate(),
+        **{name: obj.state_dict() for name, obj in stateful.items()},
     }, os.path.join(folder, "trainer.pt"))
 
 
@@ -196,14 +199,23 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
     fingerprint: dict,
+    stateful: dict | None = None,
 ) -> int:
-    """Restore weights, optimizer, LR scheduler and RNG from `path` (model checked first); return its step."""
+    """Restore weights, optimizer, LR scheduler and RNG from `path` (model checked first); return its step.
+
+    Each object of `stateful` (name -> object with load_state_dict) gets the state saved under its name."""
     check_compatible(path, fingerprint)
-    safetensors.torch.load_model(model, os.path.join(path, "model.safetensors"))
     state = torch.load(os.path.join(path, "trainer.pt"), weights_only=True)
+    missing = [name for name in stateful or {} if name not in state]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks the state of {', '.join(missing)} (saved by a run with "
+                         f"other settings); use a fresh --output-dir")
+    safetensors.torch.load_model(model, os.path.join(path, "model.safetensors"))
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
+    for name, obj in (stateful or {}).items():
+        obj.load_state_dict(state[name])
     return int(_read_meta(path)["step"])

@@ -46,13 +46,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--top-p", type=float, default=config.top_p)
     a("--top-k", type=int, default=config.top_k)
     a("--min-p", type=float, default=config.min_p)
-    a("--skip-ratio", type=float, default=config.skip_ratio,
+    a("--skip-ratio", type=_skip_ratio, default=config.skip_ratio,
       help="fraction of layers the behaviour model skips per step. Default %(default)g = 1 of "
            "SmolLM2-135M's 30 layers: a 135M model tolerates far less skipping than the paper's larger "
            "models (at 0.25 its samples are garbage and every reward is 0; one skipped middle layer keeps "
-           "about half the full model's reward)")
+           "about half the full model's reward). 'auto': adapt the number of skipped layers after each "
+           "step to hold --target-ess (starting at --min-skip-layers, or 1 if that is 0)")
     a("--protect-first", type=int, default=config.protect_first)
     a("--protect-last", type=int, default=config.protect_last)
+    _add_auto_skip_arguments(parser)
     a("--lr", type=float, default=config.lr)
     a("--weight-decay", type=float, default=config.weight_decay)
     a("--warmup-steps", type=int, default=config.warmup_steps)
@@ -77,6 +79,30 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--chunk-size", type=int, default=config.chunk_size,
       help="tokens per LM-head chunk when recomputing log-probs")
     a("--seed", type=int, default=config.seed)
+
+
+def _skip_ratio(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'auto'") from None
+
+
+def _add_auto_skip_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `--skip-ratio auto` (train/skip_control.py); None unless it is used."""
+    a = parser.add_argument
+    a("--target-ess", type=float, default=None,
+      help="with --skip-ratio auto: the ESS fraction of the importance weights (logged as ess_fraction) to "
+           "hold. Each step one more layer is skipped next if ESS > target + band, one fewer if ESS < "
+           "target - band, else the count holds")
+    a("--ess-band", type=float, default=None,
+      help="with --skip-ratio auto: the hysteresis band (default 0.05)")
+    a("--min-skip-layers", type=int, default=None, help="with --skip-ratio auto: the fewest skipped layers "
+      "(default 0)")
+    a("--max-skip-layers", type=int, default=None, help="with --skip-ratio auto: the most skipped layers "
+      "(default: every layer outside --protect-first/--protect-last)")
 
 
 def _add_loss_arguments(
@@ -158,7 +184,7 @@ def summary_table(
         ("rollout tokens/s, full model", f"{full:.1f}"),
         (f"rollout tokens/s, nested (skip {args.throughput_skip_ratio:g})",
          f"{nested:.1f}  ({nested / full if full else float('nan'):.2f}x)"),
-        (f"rollout tokens/s during training (skip {args.skip_ratio:g})", f"{train_tps:.1f}"),
+        (f"rollout tokens/s during training (skip {_skip_text(args.skip_ratio, steps)})", f"{train_tps:.1f}"),
         ("train reward, first -> last step",
          f"{steps[0]['reward_mean']:.2f} -> {steps[-1]['reward_mean']:.2f}" if steps else "-"),
         ("wall time", f"{seconds / 60:.1f} min"),
@@ -169,3 +195,11 @@ def summary_table(
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 40)
     return "\n".join([line, *(f"{k:<{width}}  {v}" for k, v in rows), line])
+
+
+def _skip_text(ratio: float | str, steps: list[dict]) -> str:
+    """The training skip ratio, or for auto the mean number of skipped layers of the steps."""
+    if ratio != "auto":
+        return f"{ratio:g}"
+    counts = [r.get("num_skipped_layers", len(r.get("skipped_layers", []))) for r in steps]
+    return f"auto: {sum(counts) / max(1, len(counts)):.1f} layers on average"

@@ -28,9 +28,13 @@ class TrainConfig:
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
-    skip_ratio: float = 0.034
+    skip_ratio: float | str = 0.034  # or "auto": a SkipController holds target_ess (train/skip_control.py)
     protect_first: int = 4
     protect_last: int = 4
+    target_ess: float | None = None  # the adaptive skip count's settings: None unless skip_ratio="auto"
+    ess_band: float | None = None  # None: 0.05
+    min_skip_layers: int | None = None  # None: 0 (the first step skips 1 layer)
+    max_skip_layers: int | None = None  # None: every eligible layer
     lr: float = 3e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -53,6 +57,26 @@ class TrainConfig:
             if f.name in _LIMITS and not _LIMITS[f.name][0](value := getattr(self, f.name)):
                 name = f"--{f.name.replace('_', '-')} {value!r}" if cli else f"{f.name}={value!r}"
                 raise ValueError(f"{name}: {_LIMITS[f.name][1]}")
+        self._check_auto(cli)
+
+    def _check_auto(self, cli: bool) -> None:
+        """The adaptive skip count's settings go with skip_ratio="auto", which needs target_ess."""
+        def name(key: str) -> str:
+            return f"--{key.replace('_', '-')}" if cli else key
+
+        auto = {k: getattr(self, k) for k in _AUTO_FIELDS}
+        if self.skip_ratio != "auto":
+            for key, value in auto.items():
+                if value is not None:
+                    raise ValueError(f"{name(key)} {value!r}: only with {name('skip_ratio')} auto")
+            return
+        if self.target_ess is None:
+            raise ValueError(f"{name('skip_ratio')} auto needs {name('target_ess')} (the ESS fraction to "
+                             f"hold)")
+        low, high = self.min_skip_layers or 0, self.max_skip_layers
+        if high is not None and high < low:
+            raise ValueError(f"{name('max_skip_layers')} {high!r}: must be >= "
+                             f"{name('min_skip_layers')} {low}")
 
     def sampling_params(self, seed: int, ignore_eos: bool = False) -> SamplingParams:
         """How rollouts sample: G completions per prompt with the configured temperature and filters."""
@@ -71,6 +95,10 @@ def _integer(low: int, why: str = "") -> tuple[Callable[[object], bool], str]:
             f"must be an integer >= {low}{why}")
 
 
+def _optional(check: tuple[Callable[[object], bool], str]) -> tuple[Callable[[object], bool], str]:
+    return (lambda v: v is None or check[0](v)), check[1]
+
+
 def _real(test: Callable[[float], bool], requirement: str) -> tuple[Callable[[object], bool], str]:
     def ok(v: object) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and test(v)
@@ -78,6 +106,7 @@ def _real(test: Callable[[float], bool], requirement: str) -> tuple[Callable[[ob
     return ok, requirement
 
 
+_AUTO_FIELDS = ("target_ess", "ess_band", "min_skip_layers", "max_skip_layers")
 # field -> (test, what a valid value is); the objective and correction configs check themselves
 _LIMITS: dict[str, tuple[Callable[[object], bool], str]] = {
     "steps": _integer(1),
@@ -88,9 +117,14 @@ _LIMITS: dict[str, tuple[Callable[[object], bool], str]] = {
     "top_p": _real(lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "top_k": _integer(0, " (0 keeps every token)"),
     "min_p": _real(lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "skip_ratio": _real(lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "skip_ratio": (lambda v: v == "auto" or _real(lambda r: 0 <= r < 1, "")[0](v),
+                   "must be in [0, 1), or auto"),
     "protect_first": _integer(0),
     "protect_last": _integer(0),
+    "target_ess": _optional(_real(lambda v: 0 < v <= 1, "must be in (0, 1]")),
+    "ess_band": _optional(_real(lambda v: 0 <= v < 1, "must be in [0, 1)")),
+    "min_skip_layers": _optional(_integer(0)),
+    "max_skip_layers": _optional(_integer(0)),
     "lr": _real(lambda v: v > 0, "must be > 0"),
     "weight_decay": _real(lambda v: v >= 0, "must be >= 0"),
     "warmup_steps": _integer(0),

@@ -38,6 +38,7 @@ from nreft_engine.train.run_dir import (
     run_record,
     write_run_config,
 )
+from nreft_engine.train.skip_control import StepSkips
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +81,7 @@ class Trainer:
         self.rewards, self.accuracy_fn = rewards, accuracy_fn
         self.output_dir = output_dir
         self.engine = engine or Engine(model, tokenizer, kv_cache_memory=kv_cache_memory)
-        # a skip ratio the model's layers cannot take fails here, before any evaluation
-        config.skip_policy(config.skip_ratio, config.seed).num_skipped(self.engine.num_layers)
+        self.skips = StepSkips(config, self.engine.num_layers)  # checks the skip settings' fit to the model
         self.record = run_record(config, model_name, task, rewards, accuracy_fn, run_info)
         self.fingerprint = model_fingerprint(model, model_name)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -101,9 +101,7 @@ class Trainer:
 
     @staticmethod
     def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-        ref = copy.deepcopy(model)
-        ref.requires_grad_(False)
-        return ref
+        return copy.deepcopy(model).requires_grad_(False)
 
     # --- phases -----------------------------------------------------------------------------------
 
@@ -112,8 +110,7 @@ class Trainer:
         cfg = self.config
         prompt_ids = render_prompts(self.tokenizer, problems, cfg.system_prompt)
         seed = cfg.seed * 1_000_003 + step
-        skip = cfg.skip_policy(cfg.skip_ratio, seed) if cfg.skip_ratio > 0 else None
-        outs = self.engine.generate(prompt_ids, cfg.sampling_params(seed), skip=skip)
+        outs = self.engine.generate(prompt_ids, cfg.sampling_params(seed), skip=self.skips.plan(seed))
         flat = [(o, c, p) for o, p in zip(outs, problems) for c in o.outputs]
         rewards = compute_rewards(
             self.rewards,
@@ -241,7 +238,8 @@ class Trainer:
         if read_run_config(self.output_dir) is None:
             logger.warning("%s has checkpoints but no recorded config (an older nreft-engine's run): "
                            "resuming without checking it", self.output_dir)
-        start = load_checkpoint(found, self.model, self.optimizer, self.lr_scheduler, self.fingerprint)
+        start = load_checkpoint(found, self.model, self.optimizer, self.lr_scheduler, self.fingerprint,
+                                self.skips.stateful())
         logger.info("resumed from %s (step %d)", found, start)
         return start
 
@@ -259,7 +257,8 @@ class Trainer:
                 log.write({"type": "eval", "step": done, **self.evaluate()})
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
                 save_checkpoint(self.checkpoint_dir, done, self.model, self.optimizer, self.lr_scheduler,
-                                self.fingerprint, cfg.keep_checkpoints, config=self.record)
+                                self.fingerprint, cfg.keep_checkpoints, config=self.record,
+                                stateful=self.skips.stateful())
 
     def train_step(self, step: int) -> dict:
         """One rollout + update; returns the step's metrics record."""
@@ -269,6 +268,7 @@ class Trainer:
         t1 = time.perf_counter()
         record = self.update(rollout)
         t2 = time.perf_counter()
+        self.skips.observe(record)  # the adaptive skip count (if any) moves for the next step
         lengths = [len(c) for group in rollout.completions for c in group]
         return {
             "type": "train",
@@ -277,6 +277,7 @@ class Trainer:
             "reward_std": rollout.rewards.std(unbiased=False).item(),
             "completion_len_mean": sum(lengths) / max(1, len(lengths)),
             "skipped_layers": list(rollout.skipped_layers),
+            "num_skipped_layers": len(rollout.skipped_layers),
             "lr": self.lr_scheduler.get_last_lr()[0],
             "rollout_tokens_per_s": rollout.tokens_per_second,
             "train_tokens_per_s": record["train_tokens"] / (t2 - t1) if t2 > t1 else 0.0,

@@ -51,7 +51,7 @@ def read_metrics(path: str, partial_last: bool = False) -> list[dict]:
 
 
 def plot_metrics(records: list[dict], path: str) -> str:
-    """Reward, held-out accuracy and rollout/training tokens/s against the step, as a PNG at `path`."""
+    """Reward, held-out accuracy, rollout/training tokens/s and skipped layers against the step, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,7 +59,7 @@ def plot_metrics(records: list[dict], path: str) -> str:
 
     steps = [r for r in records if r.get("type") == "train"]
     evals = [r for r in records if r.get("type") == "eval"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     train_steps = [r["step"] for r in steps]
     axes[0].plot(train_steps, [r["reward_mean"] for r in steps], label="train reward (nested rollouts)")
     axes[0].set_title("reward")
@@ -70,6 +70,9 @@ def plot_metrics(records: list[dict], path: str) -> str:
     axes[2].plot(train_steps, [r["rollout_tokens_per_s"] for r in steps], label="rollout (nested)")
     axes[2].plot(train_steps, [r["train_tokens_per_s"] for r in steps], label="training (full)")
     axes[2].set_title("tokens/s")
+    axes[3].step(train_steps, [r.get("num_skipped_layers", len(r.get("skipped_layers", []))) for r in steps],
+                 where="mid", label="behaviour model")
+    axes[3].set_title("skipped layers")
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

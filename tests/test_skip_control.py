@@ -1,0 +1,147 @@
+"""The adaptive skip count (skip_ratio="auto"): the controller's rule, its state, the trainer using it."""
+
+from __future__ import annotations
+
+import pytest
+from test_cli_errors import tiny_dir, tiny_train  # noqa: F401 (tiny_dir: a fixture)
+from test_train_support import tiny_policy, token_reward
+
+from nreft_engine import SkipPolicy
+from nreft_engine.cli import build_parser
+from nreft_engine.cli import main as cli_main
+from nreft_engine.train.command import train_config
+from nreft_engine.train.config import TrainConfig
+from nreft_engine.train.data import arithmetic_task
+from nreft_engine.train.loop import Trainer
+from nreft_engine.train.metrics import read_metrics
+from nreft_engine.train.skip_control import SkipController, draw_plan
+
+
+def test_moves_up_above_the_band_down_below_it_and_holds_inside():
+    c = SkipController(target_ess=0.8, band=0.05, min_layers=0, max_layers=5, start=2)
+    assert c.update(0.9) == 3  # ESS above target + band: the behaviour model can skip more
+    assert c.update(0.7) == 2  # below target - band: skip fewer
+    for ess in (0.8, 0.84, 0.76, 0.85, 0.75, None, float("nan")):  # inside the band (edges too) or no ESS
+        assert c.update(ess) == 2
+
+
+def test_the_count_stays_within_min_and_max():
+    c = SkipController(target_ess=0.5, band=0.1, min_layers=1, max_layers=3, start=1)
+    assert [c.update(1.0) for _ in range(5)] == [2, 3, 3, 3, 3]
+    assert [c.update(0.0) for _ in range(5)] == [2, 1, 1, 1, 1]
+    assert SkipController(0.5, 0.1, 2, 4).count == 2  # the default start: min_layers, or 1
+    assert SkipController(0.5, 0.1, 0, 4).count == 1
+    assert SkipController(0.5, 0.1, 0, 0).count == 0
+    assert SkipController(0.5, 0.1, 0, 3, start=9).count == 3
+    with pytest.raises(ValueError, match="min_layers <= max_layers"):
+        SkipController(0.5, 0.1, 3, 2)
+    with pytest.raises(ValueError, match="target_ess"):
+        SkipController(0.0)
+
+
+def test_state_dict_round_trip():
+    c = SkipController(target_ess=0.8, band=0.05, min_layers=0, max_layers=6)
+    for ess in (0.95, 0.95, 0.9, 0.8):
+        c.update(ess)
+    restored = SkipController(target_ess=0.8, band=0.05, min_layers=0, max_layers=6)
+    restored.load_state_dict(c.state_dict())
+    assert restored.state_dict() == c.state_dict() and restored.count == 4
+    assert [restored.update(e) for e in (0.9, 0.5, 0.8)] == [c.update(e) for e in (0.9, 0.5, 0.8)]
+    with pytest.raises(ValueError, match="outside"):
+        SkipController(0.8, 0.05, 0, 2).load_state_dict(c.state_dict())
+
+
+def test_draw_plan_is_skip_policy_draw_with_that_count():
+    for seed in range(20):
+        policy = SkipPolicy(0.25, protect_first=2, protect_last=1, seed=seed)
+        assert draw_plan(12, 3, 2, 1, seed) == policy.plan(12)  # round(0.25 * 12) = 3
+        plan = draw_plan(12, seed % 10, 2, 1, seed)
+        assert len(plan.skipped) == seed % 10 and set(plan.skipped) <= set(range(2, 11))
+    with pytest.raises(ValueError, match="only 9 of 12"):
+        draw_plan(12, 10, 2, 1, 0)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"skip_ratio": "auto"}, "skip_ratio auto needs target_ess"),
+    ({"target_ess": 0.8}, "target_ess 0.8: only with skip_ratio auto"),
+    ({"skip_ratio": "auto", "target_ess": 1.5}, "target_ess=1.5: must be in (0, 1]"),
+    ({"skip_ratio": "auto", "target_ess": 0.8, "ess_band": -0.1}, "ess_band=-0.1: must be in [0, 1)"),
+    ({"skip_ratio": "auto", "target_ess": 0.8, "min_skip_layers": 3, "max_skip_layers": 2},
+     "max_skip_layers 2: must be >= min_skip_layers 3"),
+    ({"skip_ratio": "half"}, "skip_ratio='half': must be in [0, 1), or auto"),
+])
+def test_config_check_names_the_setting(settings, message):
+    with pytest.raises(ValueError) as err:
+        TrainConfig(**settings).check()
+    assert message in str(err.value)
+
+
+def test_cli_options_reach_the_config():
+    parser = build_parser()
+    args = parser.parse_args(["train", "--skip-ratio", "auto", "--target-ess", "0.7", "--ess-band", "0.1",
+                              "--min-skip-layers", "2", "--max-skip-layers", "5"])
+    config = train_config(args)
+    assert (config.skip_ratio, config.target_ess, config.ess_band) == ("auto", 0.7, 0.1)
+    assert (config.min_skip_layers, config.max_skip_layers) == (2, 5)
+    config.check(cli=True)
+    with pytest.raises(ValueError, match="--skip-ratio auto needs --target-ess"):
+        train_config(parser.parse_args(["train", "--skip-ratio", "auto"])).check(cli=True)
+    with pytest.raises(ValueError, match="--skip-ratio: 'lots' is neither a number nor 'auto'"):
+        parser.parse_args(["train", "--skip-ratio", "lots"])
+
+
+def _auto_trainer(out_dir, **overrides):
+    """A 6-layer tiny policy (4 skippable layers) with the adaptive skip count."""
+    model, tok = tiny_policy(seed=0, num_hidden_layers=6)
+    settings = {"steps": 6, "prompts_per_step": 2, "group_size": 4, "max_tokens": 5, "eval_max_tokens": 5,
+                "lr": 3e-3, "temperature": 1.0, "skip_ratio": "auto", "target_ess": 0.9, "ess_band": 0.02,
+                "protect_first": 1, "protect_last": 1, "save_every": 2}
+    cfg = TrainConfig(**{**settings, **overrides})
+    return Trainer(model, tok, arithmetic_task(0, num_heldout=4), [token_reward], token_reward, cfg,
+                   str(out_dir), "tiny-6", kv_cache_memory=2**24)
+
+
+def _counts(path):
+    steps = [r for r in read_metrics(path) if r["type"] == "train"]
+    assert all(r["num_skipped_layers"] == len(r["skipped_layers"]) for r in steps)
+    return [r["num_skipped_layers"] for r in steps], [r.get("ess_fraction") for r in steps]
+
+
+def test_trainer_follows_the_rule_and_resume_reproduces_the_counts(tmp_path, monkeypatch):
+    full = _auto_trainer(tmp_path / "full")
+    full.train()
+    counts, ess = _counts(full.metrics_path)
+    assert len(counts) == 6 and counts[0] == 1 and len(set(counts)) > 1  # the tiny model's ESS moves it
+    rule = SkipController(0.9, 0.02, 0, 4, start=1)
+    assert counts == [rule.count] + [rule.update(e) for e in ess[:-1]]
+
+    killed = _auto_trainer(tmp_path / "killed")
+    original = Trainer.train_step
+
+    def dies_at_step_4(self, step):
+        if step == 3:
+            raise KeyboardInterrupt("killed")
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", dies_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    monkeypatch.setattr(Trainer, "train_step", original)
+    resumed = _auto_trainer(tmp_path / "killed")
+    resumed.train()
+    assert _counts(resumed.metrics_path) == (counts, ess)
+    assert resumed.skips.controller.state_dict() == full.skips.controller.state_dict()
+
+
+def test_min_skip_layers_beyond_the_model_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match="min_skip_layers=5: the model has only 4 skippable layers"):
+        _auto_trainer(tmp_path / "out", min_skip_layers=5)
+
+
+def test_cli_run_with_auto_logs_the_counts_and_sums_them_up(tmp_path, capsys, tiny_dir):  # noqa: F811
+    out = tmp_path / "out"
+    assert cli_main(tiny_train(tiny_dir, out, "--steps", "2", "--skip-ratio", "auto", "--target-ess", "0.8",
+                               "--max-skip-layers", "2")) == 0
+    assert "(skip auto: " in capsys.readouterr().out
+    counts, _ = _counts(str(out / "metrics.jsonl"))
+    assert counts[0] == 1 and len(counts) == 2 and all(0 <= c <= 2 for c in counts)
