@@ -57,7 +57,7 @@ def test_draw_plan_is_skip_policy_draw_with_that_count():
         assert draw_plan(12, 3, 2, 1, seed) == policy.plan(12)  # round(0.25 * 12) = 3
         plan = draw_plan(12, seed % 10, 2, 1, seed)
         assert len(plan.skipped) == seed % 10 and set(plan.skipped) <= set(range(2, 11))
-    with pytest.raises(ValueError, match="only 9 of 12"):
+    with pytest.raises(ValueError, match="asks for 10 of 12 layers but only 9 are eligible"):
         draw_plan(12, 10, 2, 1, 0)
 
 

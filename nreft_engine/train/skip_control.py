@@ -4,9 +4,8 @@ SkipController moves after each step to hold the importance weights' ESS fractio
 from __future__ import annotations
 
 import math
-import random
 
-from nreft_engine.skip import LayerPlan
+from nreft_engine.skip import LayerPlan, SkipPolicy
 
 AUTO = "auto"
 ESS_KEY = "ess_fraction"  # the key of corrections.ratio_stats that the controller reads
@@ -60,12 +59,9 @@ class SkipController:
 
 
 def draw_plan(num_layers: int, count: int, protect_first: int, protect_last: int, seed: int) -> LayerPlan:
-    """`count` layers drawn as `SkipPolicy(..., seed=seed).plan(num_layers)` draws round(ratio * L) of them:
-    `random.Random(seed).sample` of the eligible (unprotected) layers."""
-    eligible = list(range(protect_first, num_layers - protect_last))
-    if count > len(eligible):
-        raise ValueError(f"cannot skip {count} layers: only {len(eligible)} of {num_layers} are eligible")
-    return LayerPlan(num_layers, tuple(random.Random(seed).sample(eligible, count)))
+    """`count` skipped layers, drawn by the SkipPolicy whose ratio asks for exactly `count` (round(count / L
+    * L) is `count`), so a fixed-ratio run and an adaptive one at the same count skip the same layers."""
+    return SkipPolicy(count / num_layers, protect_first, protect_last, seed=seed).plan(num_layers)
 
 
 class StepSkips:
