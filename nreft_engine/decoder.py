@@ -13,6 +13,7 @@ from nreft_engine.linear import FusedLinear
 from nreft_engine.models.spec import ModelSpec
 from nreft_engine.models.weights import DecoderWeights, LayerWeights
 from nreft_engine.skip import LayerPlan
+from nreft_engine.transfer import to_device
 
 
 @dataclass
@@ -30,6 +31,25 @@ class StepInputs:
     @property
     def prefill(self) -> bool:
         return self.cu_seqlens is not None
+
+    @classmethod
+    def for_prefill(
+        cls, prompts: list[list[int]], slots: list[int] | torch.Tensor, device: torch.device
+    ) -> StepInputs:
+        """The prefill of `prompts` packed back to back on `device`, token j of the pack in slot slots[j]."""
+        ids, positions, lens = [], [], [0]
+        for prompt in prompts:
+            ids.extend(prompt)
+            positions.extend(range(len(prompt)))
+            lens.append(lens[-1] + len(prompt))
+        cu = to_device(lens, device, torch.int32)
+        return cls(
+            input_ids=to_device(ids, device),
+            positions=to_device(positions, device),
+            slot_mapping=to_device(slots, device),
+            last_token_index=(cu[1:] - 1).long(),
+            cu_seqlens=cu,
+        )
 
 
 @dataclass

@@ -15,7 +15,6 @@ from nreft_engine import ops
 from nreft_engine.decoder import StepInputs
 from nreft_engine.runner import ModelRunner
 from nreft_engine.skip import LayerPlan
-from nreft_engine.transfer import to_device
 
 
 def layer_importance(runner: ModelRunner, prompts: list[list[int]], max_prefill_tokens: int) -> list[float]:
@@ -39,7 +38,7 @@ def layer_importance(runner: ModelRunner, prompts: list[list[int]], max_prefill_
     total = torch.zeros(plan.num_layers, dtype=torch.float64, device=runner.device)
     with torch.inference_mode(), ops.batch_invariant(runner.batch_invariant):
         for chunk in _chunks(prompts, min(max_prefill_tokens, capacity)):
-            total += _chunk_influence(runner, _prefill_inputs(chunk, runner.device), plan, cache)
+            total += _chunk_influence(runner, _prefill(chunk, runner.device), plan, cache)
     return (total / sum(len(ids) for ids in prompts)).tolist()
 
 
@@ -56,20 +55,9 @@ def _chunks(prompts: list[list[int]], max_tokens: int) -> list[list[list[int]]]:
     return chunks
 
 
-def _prefill_inputs(chunk: list[list[int]], device: torch.device) -> StepInputs:
-    """The prefill inputs of `chunk`'s prompts packed back to back, token j in cache slot j."""
-    ids = [t for prompt in chunk for t in prompt]
-    lens = [0]
-    for prompt in chunk:
-        lens.append(lens[-1] + len(prompt))
-    cu = to_device(lens, device, torch.int32)
-    return StepInputs(
-        input_ids=to_device(ids, device),
-        positions=to_device([j for prompt in chunk for j in range(len(prompt))], device),
-        slot_mapping=torch.arange(len(ids), device=device),
-        last_token_index=(cu[1:] - 1).long(),
-        cu_seqlens=cu,
-    )
+def _prefill(chunk: list[list[int]], device: torch.device) -> StepInputs:
+    """The chunk's prompts packed back to back, token j of the pack in cache slot j."""
+    return StepInputs.for_prefill(chunk, torch.arange(sum(len(p) for p in chunk)), device)
 
 
 def _chunk_influence(runner: ModelRunner, inputs: StepInputs, plan: LayerPlan, cache) -> torch.Tensor:

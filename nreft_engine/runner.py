@@ -146,19 +146,7 @@ class ModelRunner:
         ahead feeds the token its previous step is still sampling (its id is filled in by `_launch`)."""
         device = self.device
         if batch.prefill:
-            ids, positions, lens = [], [], [0]
-            for lead in batch.leads:
-                ids.extend(lead.token_ids)
-                positions.extend(range(len(lead)))
-                lens.append(lens[-1] + len(lead))
-            cu = to_device(lens, device, torch.int32)
-            return StepInputs(
-                input_ids=to_device(ids, device),
-                positions=to_device(positions, device),
-                slot_mapping=to_device(batch.slots, device),
-                last_token_index=(cu[1:] - 1).long(),
-                cu_seqlens=cu,
-            )
+            return StepInputs.for_prefill([lead.token_ids for lead in batch.leads], batch.slots, device)
         seqs = batch.seqs
         lengths = [s.num_scheduled_tokens for s in seqs]
         # one host-to-device copy for the four per-sequence vectors, one for the block tables

@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import random
-import time
 from typing import Any
 
 import torch
@@ -130,14 +129,13 @@ class EngineGeneration:
         self._calls += 1
         params = [self._params(len(r), seed + k) for k, r in enumerate(rows.values())]
         plan = self.plan(step, rank, training)
-        start = time.perf_counter()
         with profiler if profiler is not None else contextlib.nullcontext():
             outputs = self.engine.generate([list(p) for p in rows], params, skip=plan)
         completions: list[Any] = [None] * len(prompts)
         for out, indices in zip(outputs, rows.values()):
             for index, completion in zip(indices, out.outputs):
                 completions[index] = completion
-        self._log(training, plan, time.perf_counter() - start)
+        self._log(training, plan)
         return (
             prompts,
             [c.token_ids for c in completions],
@@ -152,10 +150,10 @@ class EngineGeneration:
             max_tokens=args.max_completion_length, seed=seed,
         )
 
-    def _log(self, training: bool, plan: LayerPlan, seconds: float) -> None:
+    def _log(self, training: bool, plan: LayerPlan) -> None:
         stats = self.engine.last_stats
         metrics = self.trainer._metrics["train" if training else "eval"]
-        metrics["nreft/rollout_tokens_per_s"].append(stats.generated_tokens / seconds if seconds > 0 else 0.0)
+        metrics["nreft/rollout_tokens_per_s"].append(stats.tokens_per_second)
         metrics["nreft/kv_cache_bytes"].append(float(stats.peak_kv_cache_bytes))
         metrics["nreft/num_skipped_layers"].append(float(len(plan.skipped)))
         if training:
