@@ -10,7 +10,7 @@ batch 1 and 64, and checks that each way's graphs give the eager engine's tokens
   torch.cuda.graph  an eager run before every capture, and the device and pinned-host caches emptied
                     first, as `torch.cuda.graph` does (the engine's way before 6942720)
 
-    python benchmarks/graph_capture.py [--model random:qwen2.5-1.5b] [--plans 4]
+    python benchmarks/graph_capture.py [--model random:qwen2.5-1.5b] [--plans 4] [--out capture.json]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import json
 import pstats
 import statistics
 from unittest import mock
@@ -72,10 +73,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="random:qwen2.5-1.5b")
     parser.add_argument("--plans", type=int, default=4, help="new skip sets timed per variant and batch")
+    parser.add_argument("--out", help="write the timings as JSON here")
     args = parser.parse_args()
     model, tokenizer = load(args.model, torch.bfloat16, "cuda")
     eager = Engine(model, tokenizer, kv_cache_memory=1 << 30, enforce_eager=True)
     print(f"{'variant':16} {'seqs':>4} {'capture ms (median, min-max)':>30} {'same tokens as eager':>21}")
+    rows = []
     for variant in VARIANTS:
         with variant_patch(variant):
             engine = Engine(model, tokenizer, kv_cache_memory=1 << 30)
@@ -94,11 +97,19 @@ def main() -> None:
                     same &= [c.token_ids for o in outputs for c in o.outputs] == [
                         c.token_ids for o in expected for c in o.outputs
                     ]
-                spread = f"{statistics.median(times):.1f} ({min(times):.1f}-{max(times):.1f})"
+                median = statistics.median(times)
+                spread = f"{median:.1f} ({min(times):.1f}-{max(times):.1f})"
                 print(f"{variant:16} {num_prompts * n:>4} {spread:>30} {same!s:>21}", flush=True)
+                rows.append({"variant": variant, "sequences": num_prompts * n, "capture_ms": times,
+                             "median_ms": median, "same_tokens_as_eager": same})
             if variant == "engine":
                 profile_one_capture(engine, workload(tokenizer, 1, model.config.vocab_size), args.plans + 1)
             del engine
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "model": args.model, "rows": rows}, f,
+                      indent=2)
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

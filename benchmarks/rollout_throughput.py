@@ -31,6 +31,11 @@ RANDOM_SHAPES = {
         num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
         tie_word_embeddings=True,
     ),
+    # a few MB: the GPU suite's CPU check runs every step's code on it in seconds
+    "tiny": dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=8, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=2048, max_position_embeddings=2048, tie_word_embeddings=True,
+    ),
 }
 
 
@@ -60,6 +65,11 @@ def workload(tokenizer, num_prompts: int, vocab_size: int) -> list[list[int]]:
     return [torch.randint(0, vocab_size, (length,), generator=gen).tolist() for length in lengths]
 
 
+def steady_ms_per_step(row: dict, sequences: int) -> float:
+    """A measure_engine row's decode ms per step without graph captures (each step decodes every sequence)."""
+    return 1e3 * sequences / row["steady_decode_tokens_per_second"]
+
+
 # engine variants timed beside the default one (skip 0 and 0.25): label -> Engine options
 VARIANTS = {"sync": {"async_scheduling": False}, "prepacked": {"prepack_weights": True}}
 
@@ -75,6 +85,7 @@ def run_case(
     **engine_options,
 ) -> list[dict]:
     prompts = workload(tokenizer, num_prompts, model.config.vocab_size)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # a decode step reads each once
     pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
 
     def warm_engine(**options) -> Engine:
@@ -98,7 +109,9 @@ def run_case(
             rows.append({"system": f"{label} skip {ratio}", **result})
         del engine
     for row in rows:
-        row.update(dtype=dtype_name, sequences=num_prompts * n, max_tokens=max_tokens)
+        row.update(dtype=dtype_name, sequences=num_prompts * n, max_tokens=max_tokens, weight_bytes=weights)
+        if "steady_decode_tokens_per_second" in row:
+            row["steady_decode_ms_per_step"] = steady_ms_per_step(row, num_prompts * n)
         graphs = ""
         if row.get("graph_captures"):
             graphs = f", {row['graph_captures']} graphs in {row['graph_capture_seconds']:.2f} s"
@@ -109,7 +122,7 @@ def run_case(
 
 def print_table(rows: list[dict]) -> None:
     """tok/s end to end, and the decode steps' tok/s with and without graph captures ("steady"), each
-    with its ratio to the same run's skip 0."""
+    with its ratio to the same run's skip 0, and the steady ms per step."""
     def by_case(system: str, field: str) -> dict:
         return {(r["dtype"], r["sequences"]): r[field] for r in rows if r["system"] == system}
 
@@ -117,14 +130,16 @@ def print_table(rows: list[dict]) -> None:
     base = by_case("engine skip 0.0", "tokens_per_second")
     base_steady = by_case("engine skip 0.0", "steady_decode_tokens_per_second")
     print(f"{'dtype':9} {'seqs':>4} {'system':18} {'tok/s':>8} {'x HF':>6} {'x skip0':>7} "
-          f"{'decode tok/s':>12} {'steady tok/s':>12} {'x skip0':>7} {'KV MiB':>8} {'graphs':>6}")
+          f"{'decode tok/s':>12} {'steady tok/s':>12} {'x skip0':>7} {'ms/step':>7} {'KV MiB':>8} "
+          f"{'graphs':>6}")
     for r in rows:
         key = (r["dtype"], r["sequences"])
         if "decode_tokens_per_second" in r:
             steady = r["steady_decode_tokens_per_second"]
-            decode = f"{r['decode_tokens_per_second']:12.1f} {steady:12.1f} {steady / base_steady[key]:7.2f}"
+            decode = (f"{r['decode_tokens_per_second']:12.1f} {steady:12.1f} "
+                      f"{steady / base_steady[key]:7.2f} {r['steady_decode_ms_per_step']:7.3f}")
         else:
-            decode = " " * 34
+            decode = " " * 42
         print(f"{r['dtype']:9} {r['sequences']:>4} {r['system']:18} {r['tokens_per_second']:8.1f} "
               f"{r['tokens_per_second'] / hf[key]:6.2f} {r['tokens_per_second'] / base[key]:7.2f} {decode} "
               f"{r['kv_cache_bytes'] / 2**20:8.1f} {r.get('graph_captures', 0):6}")
