@@ -41,6 +41,7 @@ __all__ = [
     "linear_packed",
     "pack_linear_weight",
     "paged_decode_attention_cpu",
+    "paged_prefill_attention_by_rows",
     "prefill_attention_by_rows",
     "rms_norm_cpu",
     "rope_write_kv_cpu",
@@ -108,12 +109,44 @@ def prefill_attention_by_rows(
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds, bounds[1:]):
-        n = end - start
-        table = torch.arange(n, dtype=torch.int32).expand(n, n)  # one token per block, every row alike
-        lens = torch.arange(1, n + 1, dtype=torch.int32)
+        table = torch.arange(end - start, dtype=torch.int32)  # the prompt as a cache of one-token blocks
         keys, values = k[start:end].unsqueeze(1), v[start:end].unsqueeze(1)
-        out[start:end] = _C.paged_decode_attention_cpu(q[start:end], keys, values, table, lens, float(scale))
+        out[start:end] = _rows_over_cache(q[start:end], keys, values, table, end - start, scale)
     return out
+
+
+def paged_prefill_attention_by_rows(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """`paged_prefill_attention_reference` computed by the C++ decode kernel one query at a time, as
+    `prefill_attention_by_rows` does for whole prompts."""
+    out = torch.empty_like(q)
+    bounds, lens = cu_seqlens.tolist(), context_lens.tolist()
+    for b, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        out[start:end] = _rows_over_cache(q[start:end], k_cache, v_cache, block_tables[b], lens[b], scale)
+    return out
+
+
+def _rows_over_cache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    table: torch.Tensor,
+    context: int,
+    scale: float,
+) -> torch.Tensor:
+    """The last len(q) tokens of a sequence of `context` cached tokens (blocks `table`), each as a decode
+    query over the tokens up to itself."""
+    n = q.shape[0]
+    tables = table.to(torch.int32).expand(n, -1)
+    lens = torch.arange(context - n + 1, context + 1, dtype=torch.int32)
+    return _C.paged_decode_attention_cpu(q, k_cache, v_cache, tables, lens, float(scale))
 
 
 def _autograd(*tensors) -> bool:

@@ -1,4 +1,5 @@
-"""Causal attention over packed variable-length prompts: the torch reference."""
+"""Causal attention over packed variable-length prompts, whole or in chunks over the paged cache: the torch
+references, and the Triton kernel of whole prompts."""
 
 from __future__ import annotations
 
@@ -18,19 +19,53 @@ from nreft_engine.kernels.attention_dot import LOG2E, attention_dot, online_soft
 def prefill_attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """q [T, H, D], k/v [T, KVH, D] packed by cu_seqlens [B+1]; each sequence attends causally to itself."""
+    """q [T, H, D], k/v [T, KVH, D] packed by cu_seqlens [B+1]; each sequence attends causally to itself.
+    SDPA on 4-D [1, heads, T, D] views: the layout its flash kernels take (memory linear in T; a 3-D input
+    falls back to the math path, which materializes [heads, T, T] scores)."""
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
-        out[start:end] = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1),
-            k[start:end].transpose(0, 1),
-            v[start:end].transpose(0, 1),
-            is_causal=True,
-            scale=scale,
-            enable_gqa=True,
-        ).transpose(0, 1)
+        out[start:end] = _causal_sdpa(q[start:end], k[start:end], v[start:end], scale, None)
     return out
+
+
+def paged_prefill_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Chunks of prompts over their paged K/V (chunked prefill): chunk b, rows cu_seqlens[b]:cu_seqlens[b+1]
+    of q [T, H, D], holds the last queries of a sequence whose first context_lens[b] tokens (the chunk's own
+    included) are in the cache at block_tables[b]; each query attends causally to the tokens up to itself."""
+    out = torch.empty_like(q)
+    block_size = k_cache.shape[1]
+    bounds, lens = cu_seqlens.tolist(), context_lens.tolist()
+    for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        queries, context = end - start, lens[b]
+        blocks = block_tables[b, : -(-context // block_size)].long()
+        k = k_cache[blocks].flatten(0, 1)[:context]
+        v = v_cache[blocks].flatten(0, 1)[:context]
+        mask = torch.ones(queries, context, dtype=torch.bool, device=q.device).tril(context - queries)
+        out[start:end] = _causal_sdpa(q[start:end], k, v, scale, mask)
+    return out
+
+
+def _causal_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """SDPA of q [Tq, H, D] over k/v [Tk, KVH, D], causal (aligned at the start) or under `mask` [Tq, Tk]."""
+    def heads_first(x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(0, 1).unsqueeze(0)
+
+    out = F.scaled_dot_product_attention(
+        heads_first(q), heads_first(k), heads_first(v), attn_mask=mask, is_causal=mask is None, scale=scale,
+        enable_gqa=True,
+    )
+    return out[0].transpose(0, 1)
 
 
 # --------------------------------------------------------------------------------------------------

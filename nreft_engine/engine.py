@@ -56,7 +56,7 @@ class Engine:
         kv_cache_memory: float | int = 0.1,
         block_size: int = 16,
         max_num_seqs: int = 256,
-        max_prefill_tokens: int = 4096,
+        max_num_batched_tokens: int = 4096,
         max_model_len: int | None = None,
         prepack_weights: bool | None = None,
         enforce_eager: bool = False,
@@ -66,6 +66,8 @@ class Engine:
     ):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
         self.model = model
         self.tokenizer = tokenizer
         self.spec = model_spec(model)
@@ -75,7 +77,7 @@ class Engine:
             if prepack_weights is False:
                 raise ValueError("batch_invariant=True runs on packed weights; leave prepack_weights at None")
         self.max_num_seqs = max_num_seqs
-        self.max_prefill_tokens = max_prefill_tokens
+        self.max_num_batched_tokens = max_num_batched_tokens
         limit = self.spec.max_position_embeddings
         self.max_model_len = min(max_model_len or limit, limit)
         device = param.device
@@ -127,7 +129,7 @@ class Engine:
         residual stream before and after it, full model, current weights; for SkipPolicy(importance=...)."""
         ids = [ids for ids, _ in self._requests(prompts, None)]
         with self._lock:
-            return importance.layer_importance(self.runner, ids, self.max_prefill_tokens)
+            return importance.layer_importance(self.runner, ids, self.max_num_batched_tokens)
 
     def generate(
         self,
@@ -188,7 +190,7 @@ class Engine:
         """A scheduler over the call's cache holding every request's n samples, each checked to fit."""
         for i, (ids, p) in enumerate(requests):
             self._check_fits(i, ids, p, num_blocks, block_size)
-        scheduler = Scheduler(num_blocks, block_size, self.max_num_seqs, self.max_prefill_tokens,
+        scheduler = Scheduler(num_blocks, block_size, self.max_num_seqs, self.max_num_batched_tokens,
                               self.max_model_len, self.spec.eos_token_ids)
         groups = [self._make_group(i, ids, p) for i, (ids, p) in enumerate(requests)]
         for group in groups:

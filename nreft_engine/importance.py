@@ -17,10 +17,10 @@ from nreft_engine.runner import ModelRunner
 from nreft_engine.skip import LayerPlan
 
 
-def layer_importance(runner: ModelRunner, prompts: list[list[int]], max_prefill_tokens: int) -> list[float]:
+def layer_importance(runner: ModelRunner, prompts: list[list[int]], max_tokens: int) -> list[float]:
     """Block influence of each of the runner's layers over the token ids `prompts` (see the module docstring).
 
-    Runs the prefill of the prompts, packed in chunks of at most `max_prefill_tokens` tokens (a longer prompt
+    Runs the prefill of the prompts, packed in chunks of at most `max_tokens` tokens (a longer prompt
     alone), on the current weights (repacked first where they changed); the KV cache is scratch. The caller
     holds the engine's lock.
     """
@@ -37,7 +37,7 @@ def layer_importance(runner: ModelRunner, prompts: list[list[int]], max_prefill_
             )
     total = torch.zeros(plan.num_layers, dtype=torch.float64, device=runner.device)
     with torch.inference_mode(), ops.batch_invariant(runner.batch_invariant):
-        for chunk in _chunks(prompts, min(max_prefill_tokens, capacity)):
+        for chunk in _chunks(prompts, min(max_tokens, capacity)):
             total += _chunk_influence(runner, _prefill(chunk, runner.device), plan, cache)
     return (total / sum(len(ids) for ids in prompts)).tolist()
 

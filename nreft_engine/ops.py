@@ -40,6 +40,7 @@ __all__ = [
     "filter_logits",
     "linear",
     "paged_decode_attention",
+    "paged_prefill_attention",
     "prefill_attention",
     "prepare_linear_weight",
     "rms_norm",
@@ -54,6 +55,7 @@ _MODULES: dict[str, ModuleType] = {
     "rope_write_kv": rope_kernels,
     "paged_decode_attention": paged_attention_kernels,
     "prefill_attention": prefill_attention_kernels,
+    "paged_prefill_attention": prefill_attention_kernels,
     "silu_and_mul": activation_kernels,
     "sample": sampler_kernels,
 }
@@ -180,6 +182,17 @@ def prefill_attention(q, k, v, cu_seqlens, scale: float) -> torch.Tensor:
     if q.device.type == "cpu" and _batch_invariant.get():
         return cpu_kernels.prefill_attention_by_rows(q, k, v, cu_seqlens, scale)
     return _choice.ops["prefill_attention"].on(q)(q, k, v, cu_seqlens, scale)
+
+
+def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens, context_lens, scale: float):
+    """Causal attention of prompt chunks over their paged cache (chunked prefill); see
+    kernels/prefill_attention.py (within `batch_invariant()`, on the CPU: by rows, as `prefill_attention`)."""
+    if q.device.type == "cpu" and _batch_invariant.get():
+        return cpu_kernels.paged_prefill_attention_by_rows(
+            q, k_cache, v_cache, block_tables, cu_seqlens, context_lens, scale
+        )
+    fn = _choice.ops["paged_prefill_attention"].on(q)
+    return fn(q, k_cache, v_cache, block_tables, cu_seqlens, context_lens, scale)
 
 
 def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

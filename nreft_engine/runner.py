@@ -13,13 +13,14 @@ from dataclasses import dataclass
 import torch
 
 from nreft_engine import ops
+from nreft_engine.batch import Batch
 from nreft_engine.cache import PagedKVCache, resolve_budget
-from nreft_engine.decoder import Decoder, StepInputs
+from nreft_engine.decoder import Decoder, PromptChunk, StepInputs
 from nreft_engine.graphs import DecodeGraphs
 from nreft_engine.models.spec import ModelSpec
 from nreft_engine.models.weights import DecoderWeights, rope_tables
 from nreft_engine.sampler import SampledStep, Sampler
-from nreft_engine.scheduler import Batch, Scheduler
+from nreft_engine.scheduler import Scheduler
 from nreft_engine.skip import LayerPlan
 from nreft_engine.transfer import to_device
 
@@ -136,6 +137,8 @@ class ModelRunner:
             with ops.batch_invariant(self.batch_invariant):
                 logits = self.decoder.forward(inputs, plan, cache)
         rows = logits[to_device(batch.sample_rows, logits.device)] if batch.prefill else logits
+        if not batch.seqs:  # chunks of prompts that do not end in this step: nothing to sample
+            return SampledStep.empty(self.device)
         sampled = self.sampler(rows, batch.seqs)
         for seq in batch.seqs:
             seq.num_pending += 1
@@ -146,7 +149,10 @@ class ModelRunner:
         ahead feeds the token its previous step is still sampling (its id is filled in by `_launch`)."""
         device = self.device
         if batch.prefill:
-            return StepInputs.for_prefill([lead.token_ids for lead in batch.leads], batch.slots, device)
+            chunks = [PromptChunk(c.lead.token_ids[c.start:c.end], c.start, c.last) for c in batch.chunks]
+            decodes = [(s.token_ids[-1], s.num_scheduled_tokens) for s in batch.decodes]
+            tables = batch.chunk_tables, batch.block_tables
+            return StepInputs.pack(chunks, decodes, batch.slots, device, *tables)
         seqs = batch.seqs
         lengths = [s.num_scheduled_tokens for s in seqs]
         # one host-to-device copy for the four per-sequence vectors, one for the block tables

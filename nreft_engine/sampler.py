@@ -26,6 +26,11 @@ class SampledStep:
             self._done = torch.cuda.Event()
             self._done.record()
 
+    @classmethod
+    def empty(cls, device: torch.device) -> SampledStep:
+        """The samples of a step in which no sequence samples."""
+        return cls(torch.empty(0, dtype=torch.long, device=device), torch.empty(0, device=device), [])
+
     def to_host(self) -> tuple[list[int], list[float], list[dict[int, float] | None]]:
         """(tokens, log-probs, top-N alternatives) per row; waits for this step's copies only."""
         if self._done is not None:

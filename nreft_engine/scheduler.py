@@ -1,57 +1,41 @@
-"""The continuous-batching scheduler over the block manager: prompt fork for n samples, preemption."""
+"""The continuous-batching scheduler over the block manager: chunked prefill, prompt fork for n samples,
+preemption."""
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from nreft_engine import _C
+from nreft_engine.batch import Batch, Chunk
 from nreft_engine.sequence import Sequence, SequenceStatus
 
 
-@dataclass
-class Batch:
-    """One model step: a prefill of whole prompts, or a one-token decode of running sequences.
-
-    `leads` are the sequences whose tokens are fed: in a prefill one per prompt, whose n samples share its
-    blocks and all sample from the row of its last token. `seqs[i]` samples from logits row `sample_rows[i]`.
-    `slots` holds the cache slot of each fed token; a decode also carries its block tables. A step scheduled
-    ahead takes its input tokens from rows `previous_rows` of the previous step's samples, on the device.
-    """
-
-    prefill: bool
-    leads: list[Sequence]
-    seqs: list[Sequence]
-    sample_rows: list[int]
-    num_tokens: int
-    slots: list[int]
-    block_tables: torch.Tensor | None = None
-    copies: list[tuple[int, int]] = field(default_factory=list)
-    previous_rows: list[int] | None = None
-
-
 class Scheduler:
-    """Moves sequences waiting -> running -> finished over the KV cache's block manager (nano-vllm style)."""
+    """Moves sequences waiting -> prefilling -> running -> finished over the KV cache's block manager
+    (nano-vllm style), with vLLM's chunked prefill: a step feeds every running sequence's next token, then
+    prompt tokens up to `max_num_batched_tokens` in all, so a long prompt is prefilled over several steps
+    that keep the others decoding."""
 
     def __init__(
         self,
         num_blocks: int,
         block_size: int,
         max_num_seqs: int,
-        max_prefill_tokens: int,
+        max_num_batched_tokens: int,
         max_model_len: int,
         eos_token_ids: tuple[int, ...],
     ):
         self.blocks = _C.BlockManager(num_blocks, block_size)
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
-        self.max_prefill_tokens = max_prefill_tokens
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
         self.waiting: deque[list[Sequence]] = deque()
+        self.prefilling: list[Chunk] = []  # admitted groups, `end` = their lead's tokens already in the cache
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.peak_running = 0
@@ -66,45 +50,96 @@ class Scheduler:
         self.waiting.append(group)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.prefilling or self.running)
 
     def schedule(self) -> Batch:
-        """Admit waiting prompts if they fit (prefill step), else decode every running sequence."""
-        leads: list[Sequence] = []
-        seqs: list[Sequence] = []
-        rows: list[int] = []
-        slots: list[int] = []
-        tokens = 0
-        while self.waiting:
-            group = self.waiting[0]
-            lead = group[0]
-            need = -(-len(lead) // self.block_size)
-            margin = len(group) if (self.running or leads) else 0
-            if (
-                len(self.running) + len(seqs) + len(group) > self.max_num_seqs
-                or (leads and tokens + len(lead) > self.max_prefill_tokens)
-                or self.blocks.num_free_blocks < need + margin
-            ):
-                break
-            self.waiting.popleft()
-            self.blocks.allocate(lead.seq_id, len(lead))
-            slots.extend(self.blocks.slot_mapping(lead.seq_id, 0, len(lead)).tolist())
-            for follower in group[1:]:
-                self.blocks.fork(lead.seq_id, follower.seq_id)
-            for seq in group:
-                seq.status = SequenceStatus.RUNNING
-                rows.append(len(leads))
-            leads.append(lead)
-            seqs.extend(group)
-            tokens += len(lead)
-        if leads:
-            self.running.extend(seqs)
-            self.peak_running = max(self.peak_running, len(self.running))
-            self.peak_used_blocks = max(self.peak_used_blocks, self.blocks.num_used_blocks)
-            return Batch(True, leads, seqs, sample_rows=rows, num_tokens=tokens, slots=slots)
-        return self._schedule_decode()
+        """The next step: a token for each running sequence (preempting the last ones when blocks run
+        short), then chunks of the prompts being prefilled and of waiting prompts admitted while they fit."""
+        decodes, slots, copies = self._reserve_decodes() if self.running else ([], [], [])
+        chunks = self._schedule_chunks(self.max_num_batched_tokens - len(decodes))
+        if not chunks and not decodes:
+            raise RuntimeError(
+                "the KV cache cannot hold even one running sequence; "
+                "raise kv_cache_memory or lower max_tokens"
+            )
+        chunk_slots = [
+            slot for c in chunks for slot in self.blocks.slot_mapping(c.lead.seq_id, c.start, c.end).tolist()
+        ]
+        seqs, rows = self._sampling_rows(chunks, decodes)
+        self.running.extend(s for c in chunks if c.last for s in c.group)
+        self.peak_running = max(self.peak_running, len(self.running))
+        self.peak_used_blocks = max(self.peak_used_blocks, self.blocks.num_used_blocks)
+        tables = None
+        if any(c.start > 0 for c in chunks):
+            tables = self._tables([c.lead for c in chunks], max(len(c.lead) for c in chunks))
+        return Batch(
+            chunks, decodes, seqs, sample_rows=rows, num_tokens=len(chunk_slots) + len(decodes),
+            slots=chunk_slots + slots, block_tables=self._tables(decodes) if decodes else None,
+            chunk_tables=tables, copies=copies,
+        )
 
-    def _schedule_decode(self) -> Batch:
+    @staticmethod
+    def _sampling_rows(chunks: list[Chunk], decodes: list[Sequence]) -> tuple[list[Sequence], list[int]]:
+        """The sequences that sample in a step and the logits row of each (see Batch)."""
+        seqs, rows = [], []
+        ending = [c for c in chunks if c.last]
+        for row, chunk in enumerate(ending):
+            seqs.extend(chunk.group)
+            rows.extend([row] * len(chunk.group))
+        seqs.extend(decodes)
+        rows.extend(range(len(ending), len(ending) + len(decodes)))
+        return seqs, rows
+
+    def _schedule_chunks(self, budget: int) -> list[Chunk]:
+        """Up to `budget` prompt tokens: the groups being prefilled first, then waiting groups admitted
+        while they fit."""
+        chunks, queued = [], list(self.prefilling)
+        while budget > 0 and (queued or self.waiting):
+            prefilling = queued.pop(0) if queued else self._admit()
+            if prefilling is None:
+                break
+            chunks.append(self._advance(prefilling, budget))
+            budget -= chunks[-1].end - chunks[-1].start
+        return chunks
+
+    def _admit(self) -> Chunk | None:
+        """The first waiting group, moved to `prefilling` with blocks for its whole prompt (its samples
+        forking the lead's), if it fits: in max_num_seqs, and in the free blocks with a margin of one
+        block per sample when others run. None if it does not fit."""
+        group = self.waiting[0]
+        lead = group[0]
+        need = -(-len(lead) // self.block_size)
+        margin = len(group) if (self.running or self.prefilling) else 0
+        admitted = len(self.running) + sum(len(c.group) for c in self.prefilling)
+        if admitted + len(group) > self.max_num_seqs or self.blocks.num_free_blocks < need + margin:
+            return None
+        self.waiting.popleft()
+        self.blocks.allocate(lead.seq_id, len(lead))
+        for follower in group[1:]:
+            self.blocks.fork(lead.seq_id, follower.seq_id)
+        for seq in group:
+            seq.status = SequenceStatus.RUNNING
+        self.prefilling.append(Chunk(group, 0, 0))
+        return self.prefilling[-1]
+
+    def _advance(self, prefilling: Chunk, budget: int) -> Chunk:
+        """The next chunk (at most `budget` tokens) of a group being prefilled; the group leaves
+        `prefilling` with the chunk that ends its prompt."""
+        start = prefilling.end
+        prefilling.end = min(len(prefilling.lead), start + budget)
+        if prefilling.last:
+            self.prefilling.remove(prefilling)
+        return Chunk(prefilling.group, start, prefilling.end)
+
+    def _tables(self, seqs: list[Sequence], tokens: int | None = None) -> torch.Tensor:
+        """Block tables of `seqs`, as wide as the longest needs (or as `tokens` tokens need)."""
+        if tokens is None:
+            tokens = max(s.num_scheduled_tokens for s in seqs)
+        return self.blocks.block_tables([s.seq_id for s in seqs], -(-tokens // self.block_size))
+
+    def _reserve_decodes(self) -> tuple[list[Sequence], list[int], list[tuple[int, int]]]:
+        """A cache slot for the next token of each running sequence, preempting from the back of the queue
+        while blocks run short: (the sequences kept, their slots, the copy-on-write block copies)."""
         scheduled: list[Sequence] = []
         slots: list[int] = []
         copies: list[tuple[int, int]] = []
@@ -124,21 +159,21 @@ class Scheduler:
                 slots.append(slot)
                 copies.extend(seq_copies)
                 scheduled.append(seq)
-        if not scheduled:
-            raise RuntimeError(
-                "the KV cache cannot hold even one running sequence; "
-                "raise kv_cache_memory or lower max_tokens"
-            )
         self.running = list(scheduled)
-        return self._decode_batch(scheduled, slots, copies)
+        return scheduled, slots, copies
 
     def schedule_ahead(self, batch: Batch) -> Batch | None:
         """The decode step after `batch`, scheduled before its samples reach the host (async scheduling):
         every sequence of `batch` that cannot finish by length on its pending token, fed that token from
         the device. None when it could change what the synchronous scheduler does next: a prompt is
-        waiting, or a sequence could run short of blocks. A sequence that then samples a stop token
-        has its ahead row computed and discarded."""
-        if self.waiting or batch.prefill or self.blocks.num_free_blocks < len(batch.seqs):
+        waiting or being prefilled, or a sequence could run short of blocks. A sequence that then samples
+        a stop token has its ahead row computed and discarded."""
+        if (
+            self.waiting
+            or self.prefilling
+            or batch.prefill
+            or self.blocks.num_free_blocks < len(batch.seqs)
+        ):
             return None
         rows = [
             i
@@ -155,18 +190,10 @@ class Scheduler:
             slot, seq_copies = self.blocks.append_slot(seq.seq_id)
             slots.append(slot)
             copies.extend(seq_copies)
-        return self._decode_batch(seqs, slots, copies, previous_rows=rows)
-
-    def _decode_batch(
-        self, seqs: list[Sequence], slots: list[int], copies: list[tuple[int, int]], previous_rows=None
-    ) -> Batch:
-        """A one-token step of `seqs` (row i samples for seqs[i]) with their block tables."""
-        width = -(-max(s.num_scheduled_tokens for s in seqs) // self.block_size)
-        tables = self.blocks.block_tables([s.seq_id for s in seqs], width)
         self.peak_used_blocks = max(self.peak_used_blocks, self.blocks.num_used_blocks)
         return Batch(
-            False, seqs, seqs, sample_rows=list(range(len(seqs))), num_tokens=len(seqs), slots=slots,
-            block_tables=tables, copies=copies, previous_rows=previous_rows,
+            [], seqs, seqs, sample_rows=list(range(len(seqs))), num_tokens=len(seqs), slots=slots,
+            block_tables=self._tables(seqs), copies=copies, previous_rows=rows,
         )
 
     def _preempt(self, seq: Sequence) -> None:

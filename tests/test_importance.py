@@ -72,7 +72,7 @@ def test_matches_transformers(family):
 def test_chunked_prefill_and_unpacked_weights_agree():
     model = make_tiny_model("llama", num_hidden_layers=NUM_LAYERS)
     whole = Engine(model, kv_cache_memory=1 << 22).layer_importance(PROMPTS)
-    chunked = Engine(model, kv_cache_memory=1 << 22, max_prefill_tokens=8, prepack_weights=False)
+    chunked = Engine(model, kv_cache_memory=1 << 22, max_num_batched_tokens=8, prepack_weights=False)
     assert chunked.layer_importance(PROMPTS) == pytest.approx(whole, abs=1e-6)
     invariant = Engine(model, kv_cache_memory=1 << 22, batch_invariant=True)
     assert invariant.layer_importance(PROMPTS) == pytest.approx(whole, abs=1e-6)
