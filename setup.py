@@ -45,7 +45,9 @@ def extension():
     return CppExtension("nreft_engine._C", cpp, extra_compile_args=CXX_FLAGS, extra_link_args=["-fopenmp"])
 
 
+# NREFT_REUSE_BUILT_EXTENSION=1 installs without building _C, reusing the one that an editable install with
+# the same torch built in place (a second venv over the same checkout, e.g. the Makefile's verl venv)
 setup(
-    ext_modules=[extension()],
+    ext_modules=[] if os.environ.get("NREFT_REUSE_BUILT_EXTENSION") == "1" else [extension()],
     cmdclass={"build_ext": BuildExtensionSharedLibstdcxx.with_options(use_ninja=True)},
 )

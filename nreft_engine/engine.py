@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
-import time
 from typing import Sequence as Seq
 
 import torch
@@ -13,12 +13,11 @@ from tqdm.auto import tqdm
 from nreft_engine import importance, ops
 from nreft_engine.linear import default_prepack
 from nreft_engine.models.loader import load_model, model_spec
-from nreft_engine.outputs import CompletionOutput, GenerationStats, RequestOutput
+from nreft_engine.outputs import GenerationStats, RequestOutput
 from nreft_engine.runner import ModelRunner
 from nreft_engine.sampling_params import SamplingParams, as_int
-from nreft_engine.scheduler import Scheduler
-from nreft_engine.sequence import Sequence
-from nreft_engine.skip import SkipSpec, resolve_plan
+from nreft_engine.session import GenerationSession, make_group, request_output
+from nreft_engine.skip import LayerPlan, SkipSpec, resolve_plan
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +96,7 @@ class Engine:
             batch_invariant=batch_invariant,
         )
         self.last_stats: GenerationStats | None = None
-        self._next_seq_id = 0
+        self._kv_numel: int | None = None  # the KV buffer's size while it is released by `sleep`
         self._lock = threading.Lock()  # one generate (or weight reload) at a time: they share the KV cache
 
     @classmethod
@@ -151,29 +150,72 @@ class Engine:
         requests = self._requests(prompts, params)
         if not requests:
             return []
-        plan = resolve_plan(skip, self.num_layers)
-        cache = self.runner.prepare(plan)
-        scheduler, groups = self._admit(requests, cache.num_blocks, cache.block_size)
-        stats = GenerationStats(
-            kv_cache_bytes=cache.nbytes, num_blocks=cache.num_blocks, skipped_layers=plan.skipped
-        )
+        session = self.open_session(resolve_plan(skip, self.num_layers))
+        for i, (ids, p) in enumerate(requests):
+            session.check_fits(i, ids, p)
+        seq_ids = itertools.count()
+        groups = [make_group(seq_ids, i, ids, p) for i, (ids, p) in enumerate(requests)]
+        for i, group in enumerate(groups):
+            session.add(i, group)
         bar = tqdm(total=sum(len(g) for g in groups), desc="generate", unit="seq", disable=not use_tqdm)
         with torch.inference_mode():
-            while scheduler.has_work() or self.runner.has_step_ahead:
-                start = time.perf_counter()
-                batch, out = self.runner.step(scheduler, plan, cache)
-                appended, finished = scheduler.postprocess(
-                    batch, out.tokens, out.logprobs, out.top_logprobs, self._detokenize
-                )
-                elapsed = time.perf_counter() - start
-                stats.add_step(batch.prefill, batch.num_tokens, appended, elapsed, *out.graph_capture_cost)
-                bar.update(len(finished))
+            while session.has_work():
+                bar.update(len(session.step()))
         bar.close()
-        s = scheduler
-        stats.finish(s.num_preemptions, s.peak_running, s.peak_used_blocks, s.num_used_blocks)
-        self.last_stats = stats
-        logger.debug("generate: %s", stats)
-        return [self._request_output(i, prompts[i], group, plan.skipped) for i, group in enumerate(groups)]
+        self.last_stats = session.finish()
+        logger.debug("generate: %s", self.last_stats)
+        skipped = session.plan.skipped
+        return [
+            request_output(i, prompt if isinstance(prompt, str) else None, group, skipped, self.detokenize)
+            for i, (prompt, group) in enumerate(zip(prompts, groups))
+        ]
+
+    @property
+    def lock(self) -> threading.Lock:
+        """Held by every call that uses the KV cache or the weights; hold it while a session is open."""
+        return self._lock
+
+    def open_session(self, plan: LayerPlan) -> GenerationSession:
+        """A step loop over the cache laid out for `plan`, for callers holding `lock` (`generate` and
+        `AsyncEngine`); it is valid until the next session opens."""
+        if self._kv_numel is not None:
+            raise RuntimeError("the engine is asleep (its KV cache is released): call wake_up() first")
+        return GenerationSession(
+            self.runner, plan, max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
+            detokenize=self.detokenize,
+        )
+
+    def check_request(
+        self, prompt: Prompt, params: SamplingParams | None = None
+    ) -> tuple[list[int], SamplingParams]:
+        """One prompt's token ids and params, checked as `generate` checks them (errors name the value)."""
+        return self._requests([prompt], None if params is None else [params])[0]
+
+    def sleep(self) -> None:
+        """Release the KV cache's memory (e.g. while a trainer uses the device) once the running call ends;
+        `wake_up` reserves it again. Calls made in between raise."""
+        with self._lock:
+            if self._kv_numel is None:
+                buffer = self.runner.kv_buffer
+                self._kv_numel = buffer.numel()
+                self.runner.kv_buffer = buffer.new_empty(0)
+                del buffer
+                if self.runner.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def wake_up(self) -> None:
+        """Reserve the KV cache released by `sleep` again (the same number of bytes)."""
+        with self._lock:
+            if self._kv_numel is not None:
+                self.runner.kv_buffer = self.runner.kv_buffer.new_empty(self._kv_numel)
+                self._kv_numel = None
+
+    @property
+    def kv_cache_reserved_bytes(self) -> int:
+        """Bytes the KV cache buffer holds now (0 while asleep)."""
+        buffer = self.runner.kv_buffer
+        return buffer.numel() * buffer.element_size()
 
     def _requests(self, prompts: Seq[Prompt], params) -> list[tuple[list[int], SamplingParams]]:
         """(token ids, SamplingParams) per prompt, each checked."""
@@ -183,19 +225,6 @@ class Engine:
             return []
         all_params = self._params_per_prompt(params, len(prompts))
         return [(self._encode(i, p), q) for i, (p, q) in enumerate(zip(prompts, all_params))]
-
-    def _admit(
-        self, requests: list[tuple[list[int], SamplingParams]], num_blocks: int, block_size: int
-    ) -> tuple[Scheduler, list[list[Sequence]]]:
-        """A scheduler over the call's cache holding every request's n samples, each checked to fit."""
-        for i, (ids, p) in enumerate(requests):
-            self._check_fits(i, ids, p, num_blocks, block_size)
-        scheduler = Scheduler(num_blocks, block_size, self.max_num_seqs, self.max_num_batched_tokens,
-                              self.max_model_len, self.spec.eos_token_ids)
-        groups = [self._make_group(i, ids, p) for i, (ids, p) in enumerate(requests)]
-        for group in groups:
-            scheduler.add(group)
-        return scheduler, groups
 
     def _params_per_prompt(self, params, count: int) -> list[SamplingParams]:
         if params is None:
@@ -247,49 +276,8 @@ class Engine:
             )
         return ids
 
-    def _check_fits(
-        self, index: int, ids: list[int], params: SamplingParams, num_blocks: int, block_size: int
-    ) -> None:
-        """Fail fast on a request that could never fit in the cache, even alone."""
-        longest = min(len(ids) + params.max_tokens, self.max_model_len)
-        need = -(-longest // block_size)
-        if need > num_blocks:
-            raise ValueError(
-                f"prompt {index} ({len(ids)} tokens) + max_tokens={params.max_tokens} needs {need} KV blocks "
-                f"but the cache holds only {num_blocks}; raise kv_cache_memory or lower max_tokens"
-            )
-
-    def _make_group(self, index: int, ids: list[int], params: SamplingParams) -> list[Sequence]:
-        base = int(torch.randint(0, 2**62, ())) if params.seed is None else params.seed
-        group = []
-        for sample in range(params.n):
-            generator = torch.Generator().manual_seed((base * 1_000_003 + index * 7919 + sample) % 2**63)
-            group.append(Sequence(self._next_seq_id, sample, ids, params, generator))
-            self._next_seq_id += 1
-        return group
-
-    def _detokenize(self, token_ids: list[int]) -> str:
+    def detokenize(self, token_ids: list[int]) -> str:
+        """Text of `token_ids` (special tokens dropped); "" without a tokenizer."""
         if self.tokenizer is None:
             return ""
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
-    def _request_output(self, index: int, prompt: Prompt, group: list[Sequence], skipped) -> RequestOutput:
-        outputs = [
-            CompletionOutput(
-                index=seq.sample_index,
-                text=seq.text if seq.text is not None else self._detokenize(seq.output_token_ids),
-                token_ids=seq.output_token_ids,
-                logprobs=seq.logprobs,
-                cumulative_logprob=float(sum(seq.logprobs)),
-                finish_reason=seq.finish_reason,
-                top_logprobs=seq.top_logprobs or None,
-            )
-            for seq in group
-        ]
-        return RequestOutput(
-            request_id=index,
-            prompt=prompt if isinstance(prompt, str) else None,
-            prompt_token_ids=group[0].token_ids[: group[0].num_prompt_tokens],
-            outputs=outputs,
-            skipped_layers=skipped,
-        )

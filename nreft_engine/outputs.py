@@ -22,7 +22,7 @@ class CompletionOutput:
 class RequestOutput:
     """The n completions of one prompt, and the layers the behaviour model skipped while sampling them."""
 
-    request_id: int
+    request_id: int | str  # the prompt's index in a `generate` call, or the id a concurrent request gave
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -246,3 +247,16 @@ class Scheduler:
         if num_out >= p.max_tokens or len(seq) >= self.max_model_len:
             return "length"
         return None
+
+    def abort(self, seqs: list[Sequence]) -> None:
+        """Drop unfinished `seqs` wherever they are, freeing their blocks; they finish as "abort"."""
+        drop = {seq.seq_id for seq in seqs if seq.status is not SequenceStatus.FINISHED}
+        for seq in (seq for seq in seqs if seq.seq_id in drop):
+            if self.blocks.has_sequence(seq.seq_id):
+                self.blocks.free(seq.seq_id)
+            seq.finish("abort")
+        self.running = [seq for seq in self.running if seq.seq_id not in drop]
+        waiting = ([seq for seq in group if seq.seq_id not in drop] for group in self.waiting)
+        self.waiting = deque(group for group in waiting if group)
+        kept = (replace(c, group=[seq for seq in c.group if seq.seq_id not in drop]) for c in self.prefilling)
+        self.prefilling = [c for c in kept if c.group]

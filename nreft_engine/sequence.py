@@ -81,5 +81,10 @@ class Sequence:
         if top is not None:
             self.top_logprobs.append(top)
 
+    def finish(self, reason: str) -> None:
+        """Mark the sequence finished ("stop", "length" or "abort")."""
+        self.status = SequenceStatus.FINISHED
+        self.finish_reason = reason
+
     def __len__(self) -> int:
         return len(self.token_ids)

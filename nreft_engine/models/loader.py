@@ -28,7 +28,6 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
-    GgufConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -235,6 +234,8 @@ def _convert_gguf(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     with _reading(f"the GGUF file {path}", damaged):
         config = AutoConfig.from_pretrained(directory, gguf_file=name)
     check_supported(config)
+    from transformers import GgufConfig  # here: transformers < 5.11 (verl's pin) lacks it; only GGUF needs it
+
     logger.info("converting GGUF %s", path)
     with _reading(f"the GGUF file {path}", damaged):
         model = AutoModelForCausalLM.from_pretrained(
