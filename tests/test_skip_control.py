@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from test_cli_errors import tiny_dir, tiny_train  # noqa: F401 (tiny_dir: a fixture)
 from test_train_support import tiny_policy, token_reward
+from train_testing import train_until_killed
 
 from nreft_engine import SkipPolicy
 from nreft_engine.cli import build_parser
@@ -14,7 +17,7 @@ from nreft_engine.train.config import TrainConfig
 from nreft_engine.train.data import arithmetic_task
 from nreft_engine.train.loop import Trainer
 from nreft_engine.train.metrics import read_metrics
-from nreft_engine.train.skip_control import SkipController, draw_plan
+from nreft_engine.train.skip_control import SkipController, StepSkips
 
 
 def test_moves_up_above_the_band_down_below_it_and_holds_inside():
@@ -39,6 +42,41 @@ def test_the_count_stays_within_min_and_max():
         SkipController(0.0)
 
 
+def cliff(count: int, fine: int = 2) -> float:
+    """An ESS that jumps across any band from `fine` layers (exact) to one more (far off)."""
+    return 1.0 if count <= fine else 0.3
+
+
+def run(controller: SkipController, steps: int, ess=cliff) -> list[int]:
+    """The count of each step, the controller updated by `ess(count)` after it."""
+    counts = []
+    for _ in range(steps):
+        counts.append(controller.count)
+        controller.update(ess(controller.count))
+    return counts
+
+
+def test_a_count_that_failed_is_retried_ever_more_rarely():
+    counts = run(SkipController(target_ess=0.9, band=0.05, min_layers=0, max_layers=6, retry_wait=3), 40)
+    probes = [step for step, count in enumerate(counts) if count == 3]
+    assert counts[:3] == [1, 2, 3] and max(counts) == 3
+    assert probes == [2, 6, 13, 26]  # 3, then 6, then 12 steps at 2 in between: the wait doubles
+    assert counts[3:6] == [2, 2, 2] and counts[-1] == 2
+    # once the count holds (the model got better), its failure is forgotten: the next one waits 3 steps again
+    c = SkipController(target_ess=0.9, band=0.05, min_layers=0, max_layers=6, retry_wait=3)
+    run(c, 13)
+    assert c.count == 3  # the third try of 3, now with a model that can skip 3 layers
+    assert run(c, 6, lambda count: cliff(count, fine=3)) == [3, 4, 3, 3, 3, 4]
+    with pytest.raises(ValueError, match="retry_wait must be >= 1 step, got 0"):
+        SkipController(0.9, retry_wait=0)
+
+
+def test_the_wait_doubles_only_for_the_same_count():
+    c = SkipController(target_ess=0.9, band=0.05, min_layers=0, max_layers=6, start=4, retry_wait=5)
+    assert run(c, 8) == [4, 3, 2, 2, 2, 2, 2, 3]  # 4 failed, then 3 (a new count: 5 steps, not 10)
+    assert run(c, 11) == [2] * 10 + [3]
+
+
 def test_state_dict_round_trip():
     c = SkipController(target_ess=0.8, band=0.05, min_layers=0, max_layers=6)
     for ess in (0.95, 0.95, 0.9, 0.8):
@@ -51,14 +89,38 @@ def test_state_dict_round_trip():
         SkipController(0.8, 0.05, 0, 2).load_state_dict(c.state_dict())
 
 
-def test_draw_plan_is_skip_policy_draw_with_that_count():
+@pytest.mark.parametrize("split", [1, 3, 4, 7, 12, 20])
+def test_resume_at_any_step_gives_the_same_counts(split):
+    """A controller restored from the state saved after `split` steps (within a retry wait too) continues the
+    uninterrupted one's counts."""
+    def fresh():
+        return SkipController(target_ess=0.9, band=0.05, min_layers=1, max_layers=5, retry_wait=2)
+
+    whole = run(fresh(), 30)
+    first = fresh()
+    head = run(first, split)
+    resumed = fresh()
+    resumed.load_state_dict(first.state_dict())
+    assert head + run(resumed, 30 - split) == whole
+    assert len(set(whole)) > 1
+
+
+def auto_skips(num_layers, **settings):
+    cfg = TrainConfig(skip_ratio="auto", target_ess=0.8, **settings)
+    return StepSkips(cfg, SimpleNamespace(num_layers=num_layers), tokenizer=None, task=None)
+
+
+def test_an_adaptive_count_skips_what_that_fixed_ratio_does():
+    skips = auto_skips(12, protect_first=2, protect_last=1, max_skip_layers=9)
     for seed in range(20):
+        skips.controller.count = 3
         policy = SkipPolicy(0.25, protect_first=2, protect_last=1, seed=seed)
-        assert draw_plan(12, 3, 2, 1, seed) == policy.plan(12)  # round(0.25 * 12) = 3
-        plan = draw_plan(12, seed % 10, 2, 1, seed)
+        assert skips.plan(seed) == policy.plan(12)  # round(0.25 * 12) = 3
+        skips.controller.count = seed % 10
+        plan = skips.plan(seed)
         assert len(plan.skipped) == seed % 10 and set(plan.skipped) <= set(range(2, 11))
-    with pytest.raises(ValueError, match="asks for 10 of 12 layers but only 9 are eligible"):
-        draw_plan(12, 10, 2, 1, 0)
+    with pytest.raises(ValueError, match="min_skip_layers=10: the model has only 9 skippable layers"):
+        auto_skips(12, protect_first=2, protect_last=1, min_skip_layers=10)
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -69,6 +131,13 @@ def test_draw_plan_is_skip_policy_draw_with_that_count():
     ({"skip_ratio": "auto", "target_ess": 0.8, "min_skip_layers": 3, "max_skip_layers": 2},
      "max_skip_layers 2: must be >= min_skip_layers 3"),
     ({"skip_ratio": "half"}, "skip_ratio='half': must be in [0, 1), or auto"),
+    ({"skip_temperature": 0.5}, "skip_temperature 0.5: only with skip_importance"),
+    ({"importance_every": 4}, "importance_every 4: only with skip_importance"),
+    ({"skip_importance": True, "skip_ratio": 0.0}, "skip_importance needs layers to skip: skip_ratio > 0"),
+    ({"skip_importance": True, "skip_temperature": 0.0}, "skip_temperature=0.0: must be > 0"),
+    ({"skip_importance": True, "importance_every": -1}, "importance_every=-1: must be an integer >= 0"),
+    ({"skip_importance": True, "importance_prompts": 0}, "importance_prompts=0: must be an integer >= 1"),
+    ({"skip_importance": 1}, "skip_importance=1: must be True or False"),
 ])
 def test_config_check_names_the_setting(settings, message):
     with pytest.raises(ValueError) as err:
@@ -84,6 +153,15 @@ def test_cli_options_reach_the_config():
     assert (config.skip_ratio, config.target_ess, config.ess_band) == ("auto", 0.7, 0.1)
     assert (config.min_skip_layers, config.max_skip_layers) == (2, 5)
     config.check(cli=True)
+    assert (config.skip_importance, config.skip_temperature, config.importance_every) == (False, None, None)
+    args = parser.parse_args(["train", "--skip-importance", "--skip-temperature", "0.2", "--importance-every",
+                              "5", "--importance-prompts", "16"])
+    config = train_config(args)
+    assert (config.skip_importance, config.skip_temperature) == (True, 0.2)
+    assert (config.importance_every, config.importance_prompts) == (5, 16)
+    config.check(cli=True)
+    with pytest.raises(ValueError, match="--skip-temperature 0.2: only with --skip-importance"):
+        train_config(parser.parse_args(["train", "--skip-temperature", "0.2"])).check(cli=True)
     with pytest.raises(ValueError, match="--skip-ratio auto needs --target-ess"):
         train_config(parser.parse_args(["train", "--skip-ratio", "auto"])).check(cli=True)
     with pytest.raises(ValueError, match="--skip-ratio: 'lots' is neither a number nor 'auto'"):
@@ -116,17 +194,7 @@ def test_trainer_follows_the_rule_and_resume_reproduces_the_counts(tmp_path, mon
     assert counts == [rule.count] + [rule.update(e) for e in ess[:-1]]
 
     killed = _auto_trainer(tmp_path / "killed")
-    original = Trainer.train_step
-
-    def dies_at_step_4(self, step):
-        if step == 3:
-            raise KeyboardInterrupt("killed")
-        return original(self, step)
-
-    monkeypatch.setattr(Trainer, "train_step", dies_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        killed.train()
-    monkeypatch.setattr(Trainer, "train_step", original)
+    train_until_killed(killed, monkeypatch, 3)
     resumed = _auto_trainer(tmp_path / "killed")
     resumed.train()
     assert _counts(resumed.metrics_path) == (counts, ess)

@@ -15,8 +15,9 @@ from nreft_engine.train.config import TrainConfig
 from nreft_engine.train.corrections import CORRECTIONS, CorrectionConfig, correction_weights, ratio_stats
 from nreft_engine.train.data import arithmetic_task
 from nreft_engine.train.logprobs import LogitFilter, group_logprobs
-from nreft_engine.train.loop import Trainer, _pad
+from nreft_engine.train.loop import Trainer
 from nreft_engine.train.objectives import ObjectiveConfig, group_advantages, policy_loss
+from nreft_engine.train.update import _pad
 
 
 def digit_reward(prompts, completions, completion_ids, **columns):

@@ -11,7 +11,8 @@ import pytest
 import torch
 from tiny_models import make_tiny_model
 
-from nreft_engine.train.logprobs import LogitFilter, group_logprobs
+from nreft_engine.train import logprobs
+from nreft_engine.train.logprobs import LogitFilter, batch_logprobs, group_logprobs, head_logprobs
 
 PROMPT = [1, 5, 7, 9]
 COMPLETIONS = [[3, 4, 5], [6], [7, 8, 9, 10, 11, 12]]
@@ -93,3 +94,55 @@ def test_memory_is_under_half_of_the_full_logits_computation():
     assert chunked["peak_kib"] < naive["peak_kib"] / 2, (chunked, naive)
     assert chunked["sum"] == pytest.approx(naive["sum"], rel=1e-5)
     assert chunked["grad_norm"] == pytest.approx(naive["grad_norm"], rel=1e-4)
+
+
+GROUPS = [([1, 5, 7, 9], [[3, 4, 5], [6], [7, 8, 9, 10, 11, 12]]),
+          ([4, 2], [[9, 9], [5, 6, 7, 8]]),
+          ([8, 3, 3, 6, 1, 2, 7], [[10], [11, 12, 13]])]
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_groups_batched_together_match_each_group_alone(attention):
+    """Prompts of different lengths (padded, masked) and completions of different lengths in one batch."""
+    model = make_tiny_model("llama", seed=5)
+    model.set_attn_implementation(attention)
+    filt = LogitFilter(temperature=0.7)
+    got = batch_logprobs(model, GROUPS, filt, chunk_size=5, keep_bytes=1 << 30)
+    want = [_naive(model, prompt, completions, filt) for prompt, completions in GROUPS]
+    for g_group, w_group in zip(got, want):
+        assert [g.shape for g in g_group] == [w.shape for w in w_group]
+        for g, w in zip(g_group, w_group):
+            assert torch.allclose(g, w, atol=1e-5)
+    grads = []
+    for result in (got, want):
+        model.zero_grad()
+        sum(lp.sum() for group in result for lp in group).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+
+@pytest.mark.parametrize("keep_chunks, calls", [(0, 6), (1, 5), (3, 3)])
+def test_head_logits_are_recomputed_only_past_the_memory_budget(monkeypatch, keep_chunks, calls):
+    """3 chunks: each checkpointed chunk runs twice (forward, backward), each kept chunk once."""
+    model = make_tiny_model("llama", seed=1)
+    hidden = torch.randn(12, 64, requires_grad=True)
+    weight, targets = model.get_output_embeddings().weight, torch.arange(12)
+    count = []
+    real = logprobs._chunk_logprobs
+    monkeypatch.setattr(logprobs, "_chunk_logprobs", lambda *args: count.append(1) or real(*args))
+    budget = keep_chunks * 4 * weight.shape[0] * 4  # fp32 logits of 4 rows
+    out = head_logprobs(hidden, weight, targets, LogitFilter(), chunk_size=4, keep_bytes=budget)
+    out.sum().backward()
+    assert len(count) == calls
+    grad = hidden.grad.clone()
+    hidden.grad = None
+    with torch.no_grad():
+        assert torch.allclose(out, head_logprobs(hidden, weight, targets, LogitFilter(), chunk_size=12))
+    real(hidden, weight, targets, LogitFilter()).sum().backward()
+    assert torch.allclose(grad, hidden.grad, atol=1e-6)
+
+
+def test_an_empty_prompt_is_refused():
+    with pytest.raises(ValueError, match=r"groups \[1\] have an empty prompt"):
+        batch_logprobs(make_tiny_model("llama"), [([1], [[2]]), ([], [[3]])], LogitFilter())

@@ -8,12 +8,12 @@ import os
 import pytest
 import torch
 from test_train_support import tiny_trainer as _trainer
+from train_testing import train_until_killed
 
 from nreft_engine import SamplingParams
 from nreft_engine.cli import main as cli_main
 from nreft_engine.train.data import render_prompts
 from nreft_engine.train.logprobs import group_logprobs
-from nreft_engine.train.loop import Trainer
 from nreft_engine.train.metrics import read_metrics
 
 TIMING_KEYS = {"rollout_tokens_per_s", "train_tokens_per_s", "rollout_s", "train_s"}
@@ -42,17 +42,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch)
     expected = read_metrics(full.metrics_path)
 
     killed = _trainer(tmp_path / "killed")
-    original = Trainer.train_step
-
-    def dies_at_step_3(self, step):
-        if step == 2:
-            raise KeyboardInterrupt("killed")
-        return original(self, step)
-
-    monkeypatch.setattr(Trainer, "train_step", dies_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        killed.train()
-    monkeypatch.setattr(Trainer, "train_step", original)
+    train_until_killed(killed, monkeypatch, 2)
     resumed = _trainer(tmp_path / "killed")  # a fresh process would rebuild everything the same way
     resumed.train()
     got = read_metrics(resumed.metrics_path)

@@ -12,7 +12,7 @@ import torch
 from nreft_engine import Engine
 from nreft_engine.cli_args import add_model_arguments
 from nreft_engine.models.loader import load_model
-from nreft_engine.train.config import TrainConfig
+from nreft_engine.train.config import UPDATE_DTYPES, UPDATE_PATHS, TrainConfig
 from nreft_engine.train.corrections import CORRECTIONS, CorrectionConfig
 from nreft_engine.train.data import DATASETS, load_task
 from nreft_engine.train.loop import Trainer
@@ -78,7 +78,25 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
       help="skip ratio of the nested-vs-full rollout tokens/s comparison in the summary")
     a("--chunk-size", type=int, default=config.chunk_size,
       help="tokens per LM-head chunk when recomputing log-probs")
+    _add_update_arguments(parser, config)
     a("--seed", type=int, default=config.seed)
+
+
+def _add_update_arguments(parser: argparse.ArgumentParser, config: TrainConfig) -> None:
+    """Options of the update phase's speed (train/update.py); none changes the loss but --update-dtype."""
+    a = parser.add_argument
+    a("--update-path", choices=UPDATE_PATHS, default=config.update_path,
+      help="packed: several prompt groups per forward, LM-head logits kept within --head-memory-mb, fused "
+           "AdamW; per-group: the earlier update (one group per forward, LM head always recomputed, "
+           "per-parameter AdamW), same loss and gradients, kept to compare")
+    a("--max-update-tokens", type=int, default=config.max_update_tokens,
+      help="packed: prompt + completion tokens of the groups run in one forward/backward (a larger group "
+           "runs alone)")
+    a("--head-memory-mb", type=int, default=config.head_memory_mb,
+      help="packed: MiB of fp32 LM-head logits kept for backward; chunks past it are recomputed (0: all)")
+    a("--update-dtype", choices=UPDATE_DTYPES, default=config.update_dtype,
+      help="packed: bfloat16 autocasts the update's forwards (fp32 master weights and optimizer); it changes "
+           "the recomputed log-probs, hence the importance ratios, by bf16 rounding")
 
 
 def _skip_ratio(text: str) -> float | str:
@@ -91,7 +109,7 @@ def _skip_ratio(text: str) -> float | str:
 
 
 def _add_auto_skip_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `--skip-ratio auto` (train/skip_control.py); None unless it is used."""
+    """Options of `--skip-ratio auto` and `--skip-importance` (train/skip_control.py); None unless used."""
     a = parser.add_argument
     a("--target-ess", type=float, default=None,
       help="with --skip-ratio auto: the ESS fraction of the importance weights (logged as ess_fraction) to "
@@ -103,6 +121,18 @@ def _add_auto_skip_arguments(parser: argparse.ArgumentParser) -> None:
       "(default 0)")
     a("--max-skip-layers", type=int, default=None, help="with --skip-ratio auto: the most skipped layers "
       "(default: every layer outside --protect-first/--protect-last)")
+    a("--skip-importance", action="store_true",
+      help="measure each layer's importance (block influence: mean 1 - cos of the residual stream before and "
+           "after it) on calibration prompts before the first step, and draw the skip sets weighted towards "
+           "the least important layers (with a fixed --skip-ratio or auto); logged in metrics.jsonl as a "
+           "record of type importance")
+    a("--skip-temperature", type=float, default=None,
+      help="with --skip-importance: the draws' temperature, layer i weighted by exp(-importance_i / (T * "
+           "mean importance)); towards 0 the least important layers, large T uniform (default 1.0)")
+    a("--importance-every", type=int, default=None,
+      help="with --skip-importance: measure again every N steps (default 0: once, before the first step)")
+    a("--importance-prompts", type=int, default=None,
+      help="with --skip-importance: the calibration prompts, the first N train prompts (default 64)")
 
 
 def _add_loss_arguments(

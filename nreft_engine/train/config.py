@@ -35,6 +35,10 @@ class TrainConfig:
     ess_band: float | None = None  # None: 0.05
     min_skip_layers: int | None = None  # None: 0 (the first step skips 1 layer)
     max_skip_layers: int | None = None  # None: every eligible layer
+    skip_importance: bool = False  # draw skip sets weighted by measured layer importance (skip_control.py)
+    skip_temperature: float | None = None  # its settings: None unless skip_importance; None: 1.0
+    importance_every: int | None = None  # None: 0 (measured before the first step only)
+    importance_prompts: int | None = None  # None: 64 calibration prompts
     lr: float = 3e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -48,6 +52,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     chunk_size: int = 1024
+    update_path: str = "packed"  # or "per-group": the earlier update phase, kept to compare (train/update.py)
+    max_update_tokens: int = 2048  # packed: prompt and completion tokens of the groups run in one forward
+    head_memory_mb: int = 512  # packed: LM-head logits kept for backward up to this; past it, recomputed
+    update_dtype: str = "float32"  # packed: "bfloat16" autocasts the update's forwards (fp32 master weights)
     system_prompt: str = INSTRUCTION
 
     def check(self, cli: bool = False) -> None:
@@ -58,11 +66,12 @@ class TrainConfig:
                 name = f"--{f.name.replace('_', '-')} {value!r}" if cli else f"{f.name}={value!r}"
                 raise ValueError(f"{name}: {_LIMITS[f.name][1]}")
         self._check_auto(cli)
+        self._check_importance(cli)
 
     def _check_auto(self, cli: bool) -> None:
         """The adaptive skip count's settings go with skip_ratio="auto", which needs target_ess."""
         def name(key: str) -> str:
-            return f"--{key.replace('_', '-')}" if cli else key
+            return _option(key, cli)
 
         auto = {k: getattr(self, k) for k in _AUTO_FIELDS}
         if self.skip_ratio != "auto":
@@ -78,6 +87,17 @@ class TrainConfig:
             raise ValueError(f"{name('max_skip_layers')} {high!r}: must be >= "
                              f"{name('min_skip_layers')} {low}")
 
+    def _check_importance(self, cli: bool) -> None:
+        """The layer importance's settings go with skip_importance, which needs layers to skip."""
+        if not self.skip_importance:
+            for key in _IMPORTANCE_FIELDS:
+                if (value := getattr(self, key)) is not None:
+                    raise ValueError(f"{_option(key, cli)} {value!r}: only with "
+                                     f"{_option('skip_importance', cli)}")
+        elif self.skip_ratio == 0:
+            raise ValueError(f"{_option('skip_importance', cli)} needs layers to skip: "
+                             f"{_option('skip_ratio', cli)} > 0 or auto")
+
     def sampling_params(self, seed: int, ignore_eos: bool = False) -> SamplingParams:
         """How rollouts sample: G completions per prompt with the configured temperature and filters."""
         return SamplingParams(
@@ -85,9 +105,17 @@ class TrainConfig:
             min_p=self.min_p, max_tokens=self.max_tokens, seed=seed, ignore_eos=ignore_eos,
         )
 
-    def skip_policy(self, ratio: float, seed: int) -> SkipPolicy:
-        """The behaviour model: skip `ratio` of the layers, never the protected first and last ones."""
-        return SkipPolicy(ratio, self.protect_first, self.protect_last, seed=seed)
+    def skip_policy(self, ratio: float, seed: int, importance: list[float] | None = None) -> SkipPolicy:
+        """The behaviour model: skip `ratio` of the layers, never the protected first and last ones; drawn
+        uniformly, or weighted by `importance` at skip_temperature."""
+        temperature = 1.0 if self.skip_temperature is None else self.skip_temperature
+        return SkipPolicy(ratio, self.protect_first, self.protect_last, seed=seed, importance=importance,
+                          temperature=temperature)
+
+
+def _option(key: str, cli: bool) -> str:
+    """A setting's name as its `nreft train` option if `cli`, else as the field."""
+    return f"--{key.replace('_', '-')}" if cli else key
 
 
 def _integer(low: int, why: str = "") -> tuple[Callable[[object], bool], str]:
@@ -106,7 +134,10 @@ def _real(test: Callable[[float], bool], requirement: str) -> tuple[Callable[[ob
     return ok, requirement
 
 
+UPDATE_PATHS = ("packed", "per-group")
+UPDATE_DTYPES = ("float32", "bfloat16")
 _AUTO_FIELDS = ("target_ess", "ess_band", "min_skip_layers", "max_skip_layers")
+_IMPORTANCE_FIELDS = ("skip_temperature", "importance_every", "importance_prompts")
 # field -> (test, what a valid value is); the objective and correction configs check themselves
 _LIMITS: dict[str, tuple[Callable[[object], bool], str]] = {
     "steps": _integer(1),
@@ -125,6 +156,10 @@ _LIMITS: dict[str, tuple[Callable[[object], bool], str]] = {
     "ess_band": _optional(_real(lambda v: 0 <= v < 1, "must be in [0, 1)")),
     "min_skip_layers": _optional(_integer(0)),
     "max_skip_layers": _optional(_integer(0)),
+    "skip_importance": (lambda v: isinstance(v, bool), "must be True or False"),
+    "skip_temperature": _optional(_real(lambda v: v > 0, "must be > 0")),
+    "importance_every": _optional(_integer(0, " (0: before the first step only)")),
+    "importance_prompts": _optional(_integer(1)),
     "lr": _real(lambda v: v > 0, "must be > 0"),
     "weight_decay": _real(lambda v: v >= 0, "must be >= 0"),
     "warmup_steps": _integer(0),
@@ -136,5 +171,9 @@ _LIMITS: dict[str, tuple[Callable[[object], bool], str]] = {
     "keep_checkpoints": _integer(0, " (0 keeps all)"),
     "seed": _integer(0),
     "chunk_size": _integer(1),
+    "update_path": (lambda v: v in UPDATE_PATHS, f"must be one of {', '.join(UPDATE_PATHS)}"),
+    "max_update_tokens": _integer(1),
+    "head_memory_mb": _integer(0, " (0: always recompute the LM head in backward)"),
+    "update_dtype": (lambda v: v in UPDATE_DTYPES, f"must be one of {', '.join(UPDATE_DTYPES)}"),
     "system_prompt": (lambda v: isinstance(v, str), "must be a string"),
 }

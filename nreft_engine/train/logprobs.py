@@ -1,10 +1,12 @@
 """Full-model token log-probs of sampled completions, with autograd and bounded memory.
 
-The prompt of a group is run once and its KV cache is shared by the group's G completions. The LM head and
-log-softmax run over chunks of tokens under activation checkpointing, so at most one chunk of
-[chunk x vocab] fp32 logits is alive at a time, in the forward and in the backward pass. Logits go through
-the rollout's own filter (temperature, top-k, top-p, min-p from `nreft_engine.kernels.sampler`), so the
-log-probs are under the same kind of distribution as the engine's behaviour log-probs.
+The prompt of a group is run once and its KV cache is shared by the group's G completions; several groups
+run together in one batch (`batch_logprobs`), so the matmuls are as large as the micro-batch. The LM head
+and log-softmax run over chunks of tokens; a chunk's logits are kept for the backward pass while they fit
+a memory budget, and past it the chunk is checkpointed (recomputed in backward), so at most the budget plus
+one chunk of [chunk x vocab] fp32 logits is alive at a time. Logits go through the rollout's own filter
+(temperature, top-k, top-p, min-p from `nreft_engine.kernels.sampler`), so the log-probs are under the
+same kind of distribution as the engine's behaviour log-probs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from nreft_engine.kernels.sampler import filter_logits
+
+# (prompt token ids, its completions' token ids)
+Group = tuple[list[int], list[list[int]]]
 
 
 @dataclass(frozen=True)
@@ -49,19 +54,87 @@ def head_logprobs(
     targets: torch.Tensor,
     filt: LogitFilter,
     chunk_size: int = 1024,
+    keep_bytes: int = 0,
 ) -> torch.Tensor:
     """log p(targets[i] | hidden[i]) for hidden [N, H], LM-head weight [V, H], targets [N] -> fp32 [N].
 
-    Chunks of `chunk_size` rows; with autograd each chunk is checkpointed (recomputed in backward).
+    Chunks of `chunk_size` rows. With autograd, a chunk's fp32 logits stay alive for backward while all kept
+    chunks fit `keep_bytes`; the chunks past it are checkpointed (recomputed in backward).
     """
-    outs = []
+    outs, kept = [], 0
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        size = h.shape[0] * weight.shape[0] * 4
+        if grad and kept + size > keep_bytes:
             outs.append(checkpoint(_chunk_logprobs, h, weight, t, filt, use_reentrant=False))
         else:
+            kept += size if grad else 0
             outs.append(_chunk_logprobs(h, weight, t, filt))
     return torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _right_padded(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, max len] (0 past each row's end) and the bool mask of the real tokens."""
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = True
+    return ids.to(device), mask.to(device)
+
+
+def batch_logprobs(
+    model: torch.nn.Module,
+    groups: list[Group],
+    filt: LogitFilter,
+    chunk_size: int = 1024,
+    keep_bytes: int = 0,
+) -> list[list[torch.Tensor]]:
+    """Per group, the log-probs of each completion's tokens given the group's prompt (fp32 [len(c)] each).
+
+    Two forwards for all the groups: the prompts (right-padded, batch of groups), then every completion
+    (right-padded, one row each) over its own prompt's cache rows, at positions after its real prompt
+    tokens, with the prompt padding masked out; padding never influences real tokens.
+    """
+    if empty := [g for g, (p, _) in enumerate(groups) if not p]:
+        raise ValueError(f"groups {empty} have an empty prompt: a completion needs a token to follow")
+    device = next(model.parameters()).device
+    body, head = model.base_model, model.get_output_embeddings().weight
+    prompt_ids, prompt_mask = _right_padded([p for p, _ in groups], device)
+    prompt_lengths = prompt_mask.sum(dim=1)
+    owners = torch.tensor([g for g, (_, cs) in enumerate(groups) for _ in cs], dtype=torch.long)
+    owners = owners.to(device)
+    completions = [c for _, cs in groups for c in cs]
+    if not completions:
+        return [[] for _ in groups]
+    # the cache goes by position: transformers 5 renamed it (past_key_values -> cache), argument and output
+    out = body(prompt_ids, prompt_mask.long(), None, None, use_cache=True)
+    cache, prompt_hidden = out[1], out[0]
+    last_prompt = prompt_hidden[owners, prompt_lengths[owners] - 1]
+    comp_ids, comp_mask = _right_padded(completions, device)
+    lengths = comp_mask.sum(dim=1).tolist()
+    rows = [last_prompt[:, None]]
+    if comp_ids.shape[1] > 1:
+        cache.batch_select_indices(owners)
+        inputs = comp_ids[:, :-1]
+        positions = prompt_lengths[owners, None] + torch.arange(inputs.shape[1], device=device)
+        mask = torch.cat([prompt_mask[owners], torch.ones_like(inputs, dtype=torch.bool)], dim=1)
+        rows.append(body(inputs, mask.long(), positions, cache, use_cache=True).last_hidden_state)
+    hidden = torch.cat(rows, dim=1)[:, : comp_ids.shape[1]][comp_mask]  # row r's real tokens, in order
+    scores = head_logprobs(hidden, head, comp_ids[comp_mask], filt, chunk_size, keep_bytes).split(lengths)
+    per_group = [len(cs) for _, cs in groups]
+    return [list(part) for part in _split(list(scores), per_group)]
+
+
+def _split(items: list, counts: list[int]) -> list[list]:
+    """`items` cut into consecutive runs of the given lengths."""
+    out, start = [], 0
+    for n in counts:
+        out.append(items[start:start + n])
+        start += n
+    return out
 
 
 def group_logprobs(
@@ -70,33 +143,10 @@ def group_logprobs(
     completions: list[list[int]],
     filt: LogitFilter,
     chunk_size: int = 1024,
+    keep_bytes: int = 0,
 ) -> list[torch.Tensor]:
     """Log-probs of each completion's tokens given the shared prompt: one fp32 tensor [len(c)] per completion.
 
-    The prompt runs once (batch 1) and its cache is repeated for the G completions, which run right-padded
-    in one batch (causal attention: padding at the end never influences real tokens).
+    The prompt runs once and its cache is repeated for the G completions, which run right-padded in one batch.
     """
-    if not completions:
-        return []
-    device = next(model.parameters()).device
-    body, head = model.base_model, model.get_output_embeddings().weight
-    prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    # the cache goes by position: transformers 5 renamed it (past_key_values -> cache), argument and output
-    out = body(prompt, None, None, None, use_cache=True)
-    cache, last_prompt_hidden = out[1], out[0][0, -1]
-    lengths = [len(c) for c in completions]
-    width = max(lengths)
-    padded = torch.zeros(len(completions), width, dtype=torch.long, device=device)
-    for i, c in enumerate(completions):
-        padded[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-    rows = []
-    if width > 1:
-        cache.batch_repeat_interleave(len(completions))
-        comp_hidden = body(padded[:, :-1], None, None, cache, use_cache=True).last_hidden_state
-    for i, n in enumerate(lengths):
-        rows.append(last_prompt_hidden[None])
-        if n > 1:
-            rows.append(comp_hidden[i, : n - 1])
-    hidden = torch.cat(rows)
-    targets = torch.cat([padded[i, :n] for i, n in enumerate(lengths)])
-    return list(head_logprobs(hidden, head, targets, filt, chunk_size).split(lengths))
+    return batch_logprobs(model, [(prompt_ids, completions)], filt, chunk_size, keep_bytes)[0]

@@ -1,8 +1,9 @@
 """The Nested-ReFT trainer: nested rollouts -> rewards -> full-model log-probs -> corrected GRPO step.
 
 Each step draws a fresh skip set, samples G completions per prompt from the layer-skipped behaviour model,
-scores them, recomputes their log-probs on the full model with autograd (one group per micro-batch), and
-takes an AdamW step. The engine reads the parameters in place, so the next rollout uses the new weights.
+scores them, recomputes their log-probs on the full model with autograd (several groups per micro-batch,
+train/update.py), and takes an AdamW step. The engine reads the parameters in place, so the next rollout
+uses the new weights.
 """
 
 from __future__ import annotations
@@ -25,11 +26,9 @@ from nreft_engine.train.checkpoint import (
     save_checkpoint,
 )
 from nreft_engine.train.config import TrainConfig
-from nreft_engine.train.corrections import ratio_stats
 from nreft_engine.train.data import Problem, Task, batch_at, render_prompts
-from nreft_engine.train.logprobs import LogitFilter, group_logprobs
+from nreft_engine.train.logprobs import LogitFilter
 from nreft_engine.train.metrics import MetricsLog, plot_metrics, read_metrics
-from nreft_engine.train.objectives import group_advantages, loss_normalizer, policy_loss
 from nreft_engine.train.rewards import RewardFn, compute_rewards
 from nreft_engine.train.run_dir import (
     check_run_config,
@@ -39,6 +38,7 @@ from nreft_engine.train.run_dir import (
     write_run_config,
 )
 from nreft_engine.train.skip_control import StepSkips
+from nreft_engine.train.update import Updater, make_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +81,14 @@ class Trainer:
         self.rewards, self.accuracy_fn = rewards, accuracy_fn
         self.output_dir = output_dir
         self.engine = engine or Engine(model, tokenizer, kv_cache_memory=kv_cache_memory)
-        self.skips = StepSkips(config, self.engine.num_layers)  # checks the skip settings' fit to the model
+        self.skips = StepSkips(config, self.engine, tokenizer, task)  # checks the skip settings' fit
         self.record = run_record(config, model_name, task, rewards, accuracy_fn, run_info)
         self.fingerprint = model_fingerprint(model, model_name)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = make_optimizer(model, config)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.reference = self._frozen_copy(model) if config.objective.kl_beta > 0 else None
         self.filter = LogitFilter(config.temperature, config.top_k, config.top_p, config.min_p)
+        self.updater = Updater(model, self.optimizer, self.lr_scheduler, config, self.filter, self.reference)
         self.checkpoint_dir = os.path.join(output_dir, "checkpoints")
         self.metrics_path = os.path.join(output_dir, "metrics.jsonl")
 
@@ -129,50 +130,9 @@ class Trainer:
         )
 
     def update(self, rollout: Rollout) -> dict:
-        """PPO epochs of the corrected GRPO loss over the rollout, one prompt group per micro-batch."""
-        cfg = self.config
-        advantages = group_advantages(rollout.rewards, cfg.objective.scale_std)
-        masks = [_pad([[1.0] * len(c) for c in group]).bool() for group in rollout.completions]
-        normalizer = sum(loss_normalizer(m, cfg.objective.aggregation) for m in masks)
-        # a group whose advantages are all 0 has no policy gradient; without a KL term it can be skipped
-        active = [i for i in range(len(masks)) if cfg.objective.kl_beta > 0 or advantages[i].abs().max() > 0]
-        old: dict[int, torch.Tensor] = {}
-        ref: dict[int, torch.Tensor] = {}
-        stats_parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        losses, grad_norms, tokens = [], [], 0
-        for epoch in range(cfg.ppo_epochs):
-            self.optimizer.zero_grad(set_to_none=True)
-            total = 0.0
-            for i in active:
-                prompt, group = rollout.prompt_ids[i], rollout.completions[i]
-                logp = _pad(group_logprobs(self.model, prompt, group, self.filter, cfg.chunk_size))
-                if epoch == 0:
-                    old[i] = logp.detach()
-                    if self.reference is not None:
-                        with torch.no_grad():
-                            ref_logp = group_logprobs(self.reference, prompt, group, self.filter,
-                                                      cfg.chunk_size)
-                            ref[i] = _pad(ref_logp)
-                loss, log_ratio, corrected = policy_loss(
-                    logp, old[i], _pad(rollout.behaviour_logprobs[i]), advantages[i], masks[i],
-                    cfg.objective, cfg.correction, normalizer, ref.get(i),
-                )
-                loss.backward()
-                total += loss.item()
-                tokens += int(masks[i].sum())
-                if epoch == 0:
-                    stats_parts.append((log_ratio, masks[i], corrected))
-            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)))
-            self.optimizer.step()  # a no-op without gradients; keeps the schedule tied to the step count
-            self.lr_scheduler.step()
-            losses.append(total)
-        record = {"loss": losses[0] if losses else 0.0, "grad_norm": grad_norms[0] if grad_norms else 0.0,
-                  "trained_groups": len(active), "train_tokens": tokens}
-        if stats_parts:
-            width = max(p[0].shape[1] for p in stats_parts)
-            cat = [torch.cat([_widen(p[k], width) for p in stats_parts]) for k in range(3)]
-            record.update(ratio_stats(cat[0], cat[1], cat[2]))
-        return record
+        """PPO epochs of the corrected GRPO loss over the rollout, in micro-batches of prompt groups."""
+        r = rollout
+        return self.updater(r.prompt_ids, r.completions, r.behaviour_logprobs, r.rewards)
 
     def evaluate(self, problems: list[Problem] | None = None) -> dict[str, float]:
         """Held-out accuracy (and mean training reward) of the FULL model, no layer skipped, greedy."""
@@ -247,18 +207,24 @@ class Trainer:
         """Steps `start`..steps with their periodic evaluations and checkpoints (always one at the end)."""
         cfg = self.config
         bar = tqdm(range(start, cfg.steps), desc="nested-reft", unit="step", initial=start, total=cfg.steps)
+        self.skips.refresh(start, log.write)  # the layer importance of the first step (once a run)
         for step in bar:
             record = self.train_step(step)
             log.write(record)
             bar.set_postfix(reward=f"{record['reward_mean']:.2f}",
                             tok_s=f"{record['rollout_tokens_per_s']:.0f}")
             done = step + 1
+            self.skips.refresh(done, log.write)  # a re-measurement, before the checkpoint that saves it
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                 log.write({"type": "eval", "step": done, **self.evaluate()})
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
-                save_checkpoint(self.checkpoint_dir, done, self.model, self.optimizer, self.lr_scheduler,
-                                self.fingerprint, cfg.keep_checkpoints, config=self.record,
-                                stateful=self.skips.stateful())
+                self.save(done)
+
+    def save(self, done: int) -> None:
+        """Checkpoint the run after `done` steps (model, optimizer, schedule, skip-control state)."""
+        save_checkpoint(self.checkpoint_dir, done, self.model, self.optimizer, self.lr_scheduler,
+                        self.fingerprint, self.config.keep_checkpoints, config=self.record,
+                        stateful=self.skips.stateful())
 
     def train_step(self, step: int) -> dict:
         """One rollout + update; returns the step's metrics record."""
@@ -286,12 +252,3 @@ class Trainer:
             **record,
         }
 
-
-def _pad(rows: list) -> torch.Tensor:
-    """Right-pad a list of 1-D tensors or float lists into a [B, T] fp32 tensor (zeros past each row)."""
-    rows = [r if isinstance(r, torch.Tensor) else torch.tensor(r, dtype=torch.float32) for r in rows]
-    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=0.0)
-
-
-def _widen(t: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.nn.functional.pad(t, (0, width - t.shape[1]))
