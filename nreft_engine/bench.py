@@ -65,6 +65,17 @@ def measure_engine(
     }
 
 
+def left_padded(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rows` as one left-padded batch for HF `generate`: (input_ids, attention_mask), [rows, longest]."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return input_ids, mask
+
+
 @torch.inference_mode()
 def measure_hf(
     model: PreTrainedModel,
@@ -76,13 +87,8 @@ def measure_hf(
 ) -> dict:
     """HF `generate` on the same workload: left-padded batch of every prompt repeated n times, EOS ignored."""
     rows = [p for p in prompts for _ in range(n)]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for i, r in enumerate(rows):
-        input_ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    input_ids, mask = input_ids.to(model.device), mask.to(model.device)
+    input_ids, mask = (t.to(model.device) for t in left_padded(rows, pad_token_id))
+    width = input_ids.shape[1]
     torch.manual_seed(seed)
     start = time.perf_counter()
     out = model.generate(
