@@ -52,7 +52,8 @@ def test_train_defaults_are_train_config_defaults_and_the_main_job():
     assert args.model == DEFAULT_MODEL and args.kv_cache_memory == 0.1
     # the README's main job: changing these changes its trajectory and published numbers
     main_job = {"steps": 20, "prompts_per_step": 8, "group_size": 8, "max_tokens": 12, "temperature": 0.7,
-                "skip_ratio": 0.034, "protect_first": 4, "protect_last": 4, "lr": 3e-5, "eval_max_tokens": 12}
+                "skip_ratio": "auto", "target_ess": None, "skip_importance": True, "skip_temperature": None,
+                "protect_first": 4, "protect_last": 4, "lr": 3e-5, "eval_max_tokens": 12}
     assert {k: getattr(TrainConfig(), k) for k in main_job} == main_job
     assert TrainConfig().correction.name == "tis" and TrainConfig().objective.scale_std
 

@@ -33,7 +33,8 @@ def tiny_train(model: str, out, *extra: str) -> list[str]:
     """`nreft train` argv of a run of the tiny model that takes about a second (1 step, 4 held-out)."""
     return ["train", "--model", model, "--output-dir", str(out), "--steps", "1", "--prompts-per-step", "2",
             "--group-size", "2", "--max-tokens", "3", "--eval-max-tokens", "3", "--num-heldout", "4",
-            "--kv-cache-memory", "16MiB", "--protect-first", "1", "--protect-last", "1", *extra]
+            "--kv-cache-memory", "16MiB", "--protect-first", "1", "--protect-last", "1",
+            "--skip-ratio", "0.25", "--no-skip-importance", *extra]
 
 
 def assert_one_line_error(capsys, *parts: str) -> None:

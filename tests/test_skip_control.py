@@ -17,7 +17,7 @@ from nreft_engine.train.config import TrainConfig
 from nreft_engine.train.data import arithmetic_task
 from nreft_engine.train.loop import Trainer
 from nreft_engine.train.metrics import read_metrics
-from nreft_engine.train.skip_control import SkipController, StepSkips
+from nreft_engine.train.skip_control import SkipController, StepSkips, _controller
 
 
 def test_moves_up_above_the_band_down_below_it_and_holds_inside():
@@ -106,7 +106,7 @@ def test_resume_at_any_step_gives_the_same_counts(split):
 
 
 def auto_skips(num_layers, **settings):
-    cfg = TrainConfig(skip_ratio="auto", target_ess=0.8, **settings)
+    cfg = TrainConfig(skip_ratio="auto", target_ess=0.8, skip_importance=False, **settings)
     return StepSkips(cfg, SimpleNamespace(num_layers=num_layers), tokenizer=None, task=None)
 
 
@@ -124,16 +124,14 @@ def test_an_adaptive_count_skips_what_that_fixed_ratio_does():
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"skip_ratio": "auto"}, "skip_ratio auto needs target_ess"),
-    ({"target_ess": 0.8}, "target_ess 0.8: only with skip_ratio auto"),
+    ({"skip_ratio": 0.1, "target_ess": 0.8}, "target_ess 0.8: only with skip_ratio auto"),
     ({"skip_ratio": "auto", "target_ess": 1.5}, "target_ess=1.5: must be in (0, 1]"),
     ({"skip_ratio": "auto", "target_ess": 0.8, "ess_band": -0.1}, "ess_band=-0.1: must be in [0, 1)"),
     ({"skip_ratio": "auto", "target_ess": 0.8, "min_skip_layers": 3, "max_skip_layers": 2},
      "max_skip_layers 2: must be >= min_skip_layers 3"),
     ({"skip_ratio": "half"}, "skip_ratio='half': must be in [0, 1), or auto"),
-    ({"skip_temperature": 0.5}, "skip_temperature 0.5: only with skip_importance"),
-    ({"importance_every": 4}, "importance_every 4: only with skip_importance"),
-    ({"skip_importance": True, "skip_ratio": 0.0}, "skip_importance needs layers to skip: skip_ratio > 0"),
+    ({"skip_importance": False, "skip_temperature": 0.5}, "skip_temperature 0.5: only with skip_importance"),
+    ({"skip_importance": False, "importance_every": 4}, "importance_every 4: only with skip_importance"),
     ({"skip_importance": True, "skip_temperature": 0.0}, "skip_temperature=0.0: must be > 0"),
     ({"skip_importance": True, "importance_every": -1}, "importance_every=-1: must be an integer >= 0"),
     ({"skip_importance": True, "importance_prompts": 0}, "importance_prompts=0: must be an integer >= 1"),
@@ -145,6 +143,14 @@ def test_config_check_names_the_setting(settings, message):
     assert message in str(err.value)
 
 
+def test_the_default_holds_an_ess_of_0_6_skipping_the_least_important_layers():
+    config = TrainConfig()
+    config.check()
+    assert (config.skip_ratio, config.skip_importance) == ("auto", True)
+    assert _controller(config, 30).target_ess == 0.6 and config.skip_policy(0.1, 0).temperature == 0.1
+    TrainConfig(skip_ratio=0.0).check()  # nothing skipped: the importance is not needed, and not measured
+
+
 def test_cli_options_reach_the_config():
     parser = build_parser()
     args = parser.parse_args(["train", "--skip-ratio", "auto", "--target-ess", "0.7", "--ess-band", "0.1",
@@ -153,7 +159,8 @@ def test_cli_options_reach_the_config():
     assert (config.skip_ratio, config.target_ess, config.ess_band) == ("auto", 0.7, 0.1)
     assert (config.min_skip_layers, config.max_skip_layers) == (2, 5)
     config.check(cli=True)
-    assert (config.skip_importance, config.skip_temperature, config.importance_every) == (False, None, None)
+    assert (config.skip_importance, config.skip_temperature, config.importance_every) == (True, None, None)
+    assert not train_config(parser.parse_args(["train", "--no-skip-importance"])).skip_importance
     args = parser.parse_args(["train", "--skip-importance", "--skip-temperature", "0.2", "--importance-every",
                               "5", "--importance-prompts", "16"])
     config = train_config(args)
@@ -161,9 +168,11 @@ def test_cli_options_reach_the_config():
     assert (config.importance_every, config.importance_prompts) == (5, 16)
     config.check(cli=True)
     with pytest.raises(ValueError, match="--skip-temperature 0.2: only with --skip-importance"):
-        train_config(parser.parse_args(["train", "--skip-temperature", "0.2"])).check(cli=True)
-    with pytest.raises(ValueError, match="--skip-ratio auto needs --target-ess"):
-        train_config(parser.parse_args(["train", "--skip-ratio", "auto"])).check(cli=True)
+        argv = ["train", "--no-skip-importance", "--skip-temperature", "0.2"]
+        train_config(parser.parse_args(argv)).check(cli=True)
+    with pytest.raises(ValueError, match="--target-ess 0.7: only with --skip-ratio auto"):
+        argv = ["train", "--skip-ratio", "0.1", "--target-ess", "0.7"]
+        train_config(parser.parse_args(argv)).check(cli=True)
     with pytest.raises(ValueError, match="--skip-ratio: 'lots' is neither a number nor 'auto'"):
         parser.parse_args(["train", "--skip-ratio", "lots"])
 

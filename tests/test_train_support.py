@@ -52,7 +52,7 @@ def tiny_trainer(out_dir, seed=0, steps=4, task=None, **overrides):
     model, tok = tiny_policy(seed=seed)
     settings = {"steps": steps, "prompts_per_step": 2, "group_size": 4, "max_tokens": 5, "eval_max_tokens": 5,
                 "lr": 3e-3, "temperature": 1.0, "skip_ratio": 0.25, "protect_first": 1, "protect_last": 1,
-                "save_every": 2}
+                "save_every": 2, "skip_importance": False}
     cfg = TrainConfig(**{**settings, **overrides})
     return Trainer(model, tok, task or arithmetic_task(0, num_heldout=8), [token_reward], token_reward, cfg,
                    str(out_dir), f"tiny-{seed}", kv_cache_memory=2**24)

@@ -47,11 +47,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--top-k", type=int, default=config.top_k)
     a("--min-p", type=float, default=config.min_p)
     a("--skip-ratio", type=_skip_ratio, default=config.skip_ratio,
-      help="fraction of layers the behaviour model skips per step. Default %(default)g = 1 of "
-           "SmolLM2-135M's 30 layers: a 135M model tolerates far less skipping than the paper's larger "
-           "models (at 0.25 its samples are garbage and every reward is 0; one skipped middle layer keeps "
-           "about half the full model's reward). 'auto': adapt the number of skipped layers after each "
-           "step to hold --target-ess (starting at --min-skip-layers, or 1 if that is 0)")
+      help="fraction of layers the behaviour model skips per step, or 'auto' (the default): adapt the "
+           "number of skipped layers after each step to hold --target-ess (starting at --min-skip-layers, "
+           "or 1 if that is 0). A 135M model tolerates far less skipping than the paper's larger models (at "
+           "0.25 its samples are garbage and every reward is 0), so the count is best left to the ESS")
     a("--protect-first", type=int, default=config.protect_first)
     a("--protect-last", type=int, default=config.protect_last)
     _add_auto_skip_arguments(parser)
@@ -113,22 +112,22 @@ def _add_auto_skip_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--target-ess", type=float, default=None,
       help="with --skip-ratio auto: the ESS fraction of the importance weights (logged as ess_fraction) to "
-           "hold. Each step one more layer is skipped next if ESS > target + band, one fewer if ESS < "
-           "target - band, else the count holds")
+           "hold (default 0.6). Each step one more layer is skipped next if ESS > target + band, one fewer "
+           "if ESS < target - band, else the count holds")
     a("--ess-band", type=float, default=None,
       help="with --skip-ratio auto: the hysteresis band (default 0.05)")
     a("--min-skip-layers", type=int, default=None, help="with --skip-ratio auto: the fewest skipped layers "
       "(default 0)")
     a("--max-skip-layers", type=int, default=None, help="with --skip-ratio auto: the most skipped layers "
       "(default: every layer outside --protect-first/--protect-last)")
-    a("--skip-importance", action="store_true",
+    a("--skip-importance", action=argparse.BooleanOptionalAction, default=TrainConfig.skip_importance,
       help="measure each layer's importance (block influence: mean 1 - cos of the residual stream before and "
            "after it) on calibration prompts before the first step, and draw the skip sets weighted towards "
-           "the least important layers (with a fixed --skip-ratio or auto); logged in metrics.jsonl as a "
-           "record of type importance")
+           "the least important layers (with a fixed --skip-ratio or auto; on by default); logged in "
+           "metrics.jsonl as a record of type importance. --no-skip-importance: uniform draws")
     a("--skip-temperature", type=float, default=None,
       help="with --skip-importance: the draws' temperature, layer i weighted by exp(-importance_i / (T * "
-           "mean importance)); towards 0 the least important layers, large T uniform (default 1.0)")
+           "mean importance)); towards 0 the least important layers, large T uniform (default 0.1)")
     a("--importance-every", type=int, default=None,
       help="with --skip-importance: measure again every N steps (default 0: once, before the first step)")
     a("--importance-prompts", type=int, default=None,

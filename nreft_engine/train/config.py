@@ -28,15 +28,15 @@ class TrainConfig:
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
-    skip_ratio: float | str = 0.034  # or "auto": a SkipController holds target_ess (train/skip_control.py)
+    skip_ratio: float | str = "auto"  # a SkipController holds target_ess (train/skip_control.py), or a ratio
     protect_first: int = 4
     protect_last: int = 4
-    target_ess: float | None = None  # the adaptive skip count's settings: None unless skip_ratio="auto"
+    target_ess: float | None = None  # the adaptive skip count's settings: None unless "auto"; None: 0.6
     ess_band: float | None = None  # None: 0.05
     min_skip_layers: int | None = None  # None: 0 (the first step skips 1 layer)
     max_skip_layers: int | None = None  # None: every eligible layer
-    skip_importance: bool = False  # draw skip sets weighted by measured layer importance (skip_control.py)
-    skip_temperature: float | None = None  # its settings: None unless skip_importance; None: 1.0
+    skip_importance: bool = True  # draw skip sets weighted by measured layer importance (skip_control.py)
+    skip_temperature: float | None = None  # its settings: None unless skip_importance; None: 0.1
     importance_every: int | None = None  # None: 0 (measured before the first step only)
     importance_prompts: int | None = None  # None: 64 calibration prompts
     lr: float = 3e-5
@@ -79,24 +79,18 @@ class TrainConfig:
                 if value is not None:
                     raise ValueError(f"{name(key)} {value!r}: only with {name('skip_ratio')} auto")
             return
-        if self.target_ess is None:
-            raise ValueError(f"{name('skip_ratio')} auto needs {name('target_ess')} (the ESS fraction to "
-                             f"hold)")
         low, high = self.min_skip_layers or 0, self.max_skip_layers
         if high is not None and high < low:
             raise ValueError(f"{name('max_skip_layers')} {high!r}: must be >= "
                              f"{name('min_skip_layers')} {low}")
 
     def _check_importance(self, cli: bool) -> None:
-        """The layer importance's settings go with skip_importance, which needs layers to skip."""
+        """The layer importance's settings go with skip_importance (unused when no layer is skipped)."""
         if not self.skip_importance:
             for key in _IMPORTANCE_FIELDS:
                 if (value := getattr(self, key)) is not None:
                     raise ValueError(f"{_option(key, cli)} {value!r}: only with "
                                      f"{_option('skip_importance', cli)}")
-        elif self.skip_ratio == 0:
-            raise ValueError(f"{_option('skip_importance', cli)} needs layers to skip: "
-                             f"{_option('skip_ratio', cli)} > 0 or auto")
 
     def sampling_params(self, seed: int, ignore_eos: bool = False) -> SamplingParams:
         """How rollouts sample: G completions per prompt with the configured temperature and filters."""
@@ -108,7 +102,7 @@ class TrainConfig:
     def skip_policy(self, ratio: float, seed: int, importance: list[float] | None = None) -> SkipPolicy:
         """The behaviour model: skip `ratio` of the layers, never the protected first and last ones; drawn
         uniformly, or weighted by `importance` at skip_temperature."""
-        temperature = 1.0 if self.skip_temperature is None else self.skip_temperature
+        temperature = DEFAULT_SKIP_TEMPERATURE if self.skip_temperature is None else self.skip_temperature
         return SkipPolicy(ratio, self.protect_first, self.protect_last, seed=seed, importance=importance,
                           temperature=temperature)
 
@@ -134,6 +128,10 @@ def _real(test: Callable[[float], bool], requirement: str) -> tuple[Callable[[ob
     return ok, requirement
 
 
+# the main job's measured best (README, Main job results): hold an ESS fraction of 0.6, skipping the least
+# important layers
+DEFAULT_TARGET_ESS = 0.6
+DEFAULT_SKIP_TEMPERATURE = 0.1
 UPDATE_PATHS = ("packed", "per-group")
 UPDATE_DTYPES = ("float32", "bfloat16")
 _AUTO_FIELDS = ("target_ess", "ess_band", "min_skip_layers", "max_skip_layers")

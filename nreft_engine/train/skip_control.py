@@ -8,6 +8,7 @@ import math
 import time
 from collections.abc import Callable
 
+from nreft_engine.train.config import DEFAULT_TARGET_ESS
 from nreft_engine.train.data import Task, batch_at, render_prompts
 
 AUTO = "auto"
@@ -117,7 +118,7 @@ class StepSkips:
     def __init__(self, config, engine, tokenizer, task: Task):
         self.config, self.num_layers = config, engine.num_layers
         self.controller = self.importance = None
-        if config.skip_importance:
+        if config.skip_importance and config.skip_ratio != 0:
             count = min(config.importance_prompts or IMPORTANCE_PROMPTS, len(task.train))
             prompts = render_prompts(tokenizer, batch_at(task, 0, count, config.seed), config.system_prompt)
             self.importance = LayerImportance(lambda: engine.layer_importance(prompts),
@@ -168,4 +169,5 @@ def _controller(config, num_layers: int) -> SkipController:
                          f"protect_last={config.protect_last})")
     high = limit if config.max_skip_layers is None else min(config.max_skip_layers, limit)
     band = 0.05 if config.ess_band is None else config.ess_band
-    return SkipController(config.target_ess, band, low, high, start=low or 1)
+    target = DEFAULT_TARGET_ESS if config.target_ess is None else config.target_ess
+    return SkipController(target, band, low, high, start=low or 1)
