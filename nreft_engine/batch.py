@@ -37,10 +37,6 @@ class Batch:
     def prefill(self) -> bool:
         return bool(self.chunks)
 
-    @property
-    def num_prefill_tokens(self) -> int:
-        return sum(c.end - c.start for c in self.chunks)
-
 
 @dataclass
 class Chunk:

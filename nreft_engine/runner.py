@@ -136,9 +136,9 @@ class ModelRunner:
         else:
             with ops.batch_invariant(self.batch_invariant):
                 logits = self.decoder.forward(inputs, plan, cache)
-        rows = logits[to_device(batch.sample_rows, logits.device)] if batch.prefill else logits
         if not batch.seqs:  # chunks of prompts that do not end in this step: nothing to sample
             return SampledStep.empty(self.device)
+        rows = logits[to_device(batch.sample_rows, logits.device)] if batch.prefill else logits
         sampled = self.sampler(rows, batch.seqs)
         for seq in batch.seqs:
             seq.num_pending += 1
