@@ -12,7 +12,13 @@ import torch
 from tiny_models import make_tiny_model
 
 from nreft_engine.train import logprobs
-from nreft_engine.train.logprobs import LogitFilter, batch_logprobs, group_logprobs, head_logprobs
+from nreft_engine.train.logprobs import (
+    LogitFilter,
+    batch_logprobs,
+    group_logprobs,
+    head_logprobs,
+    packed_logprobs,
+)
 
 PROMPT = [1, 5, 7, 9]
 COMPLETIONS = [[3, 4, 5], [6], [7, 8, 9, 10, 11, 12]]
@@ -97,17 +103,21 @@ def test_memory_is_under_half_of_the_full_logits_computation():
 
 
 GROUPS = [([1, 5, 7, 9], [[3, 4, 5], [6], [7, 8, 9, 10, 11, 12]]),
-          ([4, 2], [[9, 9], [5, 6, 7, 8]]),
+          ([4, 2], [[9, 9], [5, 6, 7, 8], []]),
           ([8, 3, 3, 6, 1, 2, 7], [[10], [11, 12, 13]])]
 
 
+@pytest.mark.parametrize("family", ["llama", "llama-untied", "qwen2"])
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
-def test_groups_batched_together_match_each_group_alone(attention):
-    """Prompts of different lengths (padded, masked) and completions of different lengths in one batch."""
-    model = make_tiny_model("llama", seed=5)
+@pytest.mark.parametrize("layout", [batch_logprobs, packed_logprobs])
+def test_groups_batched_together_match_each_group_alone(layout, attention, family, monkeypatch):
+    """Prompts of different lengths (padded, masked) and completions of different lengths (one empty) in one
+    batch, in both layouts; the packed one must not fall back to the two forwards here."""
+    model = make_tiny_model(family, seed=5)
     model.set_attn_implementation(attention)
+    monkeypatch.setattr(logprobs, "batch_logprobs", None if layout is packed_logprobs else batch_logprobs)
     filt = LogitFilter(temperature=0.7)
-    got = batch_logprobs(model, GROUPS, filt, chunk_size=5, keep_bytes=1 << 30)
+    got = layout(model, GROUPS, filt, chunk_size=5, keep_bytes=1 << 30)
     want = [_naive(model, prompt, completions, filt) for prompt, completions in GROUPS]
     for g_group, w_group in zip(got, want):
         assert [g.shape for g in g_group] == [w.shape for w in w_group]
@@ -143,6 +153,39 @@ def test_head_logits_are_recomputed_only_past_the_memory_budget(monkeypatch, kee
     assert torch.allclose(grad, hidden.grad, atol=1e-6)
 
 
-def test_an_empty_prompt_is_refused():
+@pytest.mark.parametrize("setup", ["sliding window", "long rows", "flex attention"])
+def test_packed_rows_fall_back_to_two_forwards_where_the_mask_would_differ(setup, monkeypatch):
+    """A sliding window the rows reach, rows past PACKED_ROW_TOKENS, an attention without custom masks: the
+    two-forward layout runs instead, with the model's own masks, and gives the plain computation's values."""
+    overrides = {"sliding_window": 6, "use_sliding_window": True, "max_window_layers": 0} \
+        if setup == "sliding window" else {}
+    model = make_tiny_model("qwen2", seed=2, **overrides)
+    if setup == "long rows":
+        monkeypatch.setattr(logprobs, "PACKED_ROW_TOKENS", 8)
+    if setup == "flex attention":
+        monkeypatch.setattr(logprobs, "_MASKABLE_ATTENTION", ())
+    calls = []
+    monkeypatch.setattr(logprobs, "batch_logprobs", lambda *a: calls.append(1) or batch_logprobs(*a))
+    groups = GROUPS[:1]
+    got = packed_logprobs(model, groups, LogitFilter())
+    assert calls == [1]
+    for g, w in zip(got[0], _naive(model, *groups[0], LogitFilter())):
+        assert torch.allclose(g, w, atol=1e-5)
+
+
+def test_tied_embeddings_get_one_dense_gradient():
+    """The tied lookup's sparse gradient is summed into the LM head's: a dense gradient, as without it."""
+    model = make_tiny_model("llama", seed=4)
+    sum(lp.sum() for group in packed_logprobs(model, GROUPS, LogitFilter()) for lp in group).backward()
+    grad = model.get_input_embeddings().weight.grad
+    assert grad.layout == torch.strided
+    packed = grad.clone()
+    model.zero_grad()
+    sum(lp.sum() for group in batch_logprobs(model, GROUPS, LogitFilter()) for lp in group).backward()
+    assert (packed - grad).abs().max() <= 1e-5 * grad.abs().max()
+
+
+@pytest.mark.parametrize("layout", [batch_logprobs, packed_logprobs])
+def test_an_empty_prompt_is_refused(layout):
     with pytest.raises(ValueError, match=r"groups \[1\] have an empty prompt"):
-        batch_logprobs(make_tiny_model("llama"), [([1], [[2]]), ([], [[3]])], LogitFilter())
+        layout(make_tiny_model("llama"), [([1], [[2]]), ([], [[3]])], LogitFilter())

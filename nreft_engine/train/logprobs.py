@@ -1,7 +1,9 @@
 """Full-model token log-probs of sampled completions, with autograd and bounded memory.
 
-The prompt of a group is run once and its KV cache is shared by the group's G completions; several groups
-run together in one batch (`batch_logprobs`), so the matmuls are as large as the micro-batch. The LM head
+The prompt of a group is run once and shared by the group's G completions; several groups run together in
+one batch, so the matmuls are as large as the micro-batch. `packed_logprobs` runs each group as one row (its
+prompt, then its completions, each attending to the prompt and to itself) in a single forward;
+`batch_logprobs` runs the prompts, then the completions over the prompts' KV cache, in two. The LM head
 and log-softmax run over chunks of tokens; a chunk's logits are kept for the backward pass while they fit
 a memory budget, and past it the chunk is checkpointed (recomputed in backward), so at most the budget plus
 one chunk of [chunk x vocab] fp32 logits is alive at a time. Logits go through the rollout's own filter
@@ -98,8 +100,7 @@ def batch_logprobs(
     (right-padded, one row each) over its own prompt's cache rows, at positions after its real prompt
     tokens, with the prompt padding masked out; padding never influences real tokens.
     """
-    if empty := [g for g, (p, _) in enumerate(groups) if not p]:
-        raise ValueError(f"groups {empty} have an empty prompt: a completion needs a token to follow")
+    _check_prompts(groups)
     device = next(model.parameters()).device
     body, head = model.base_model, model.get_output_embeddings().weight
     prompt_ids, prompt_mask = _right_padded([p for p, _ in groups], device)
@@ -126,6 +127,110 @@ def batch_logprobs(
     scores = head_logprobs(hidden, head, comp_ids[comp_mask], filt, chunk_size, keep_bytes).split(lengths)
     per_group = [len(cs) for _, cs in groups]
     return [list(part) for part in _split(list(scores), per_group)]
+
+
+def _check_prompts(groups: list[Group]) -> None:
+    if empty := [g for g, (p, _) in enumerate(groups) if not p]:
+        raise ValueError(f"groups {empty} have an empty prompt: a completion needs a token to follow")
+
+
+# Rows up to this many tokens run as one masked row per group; the mask makes attention quadratic in the whole
+# row (all completions together), so longer rows take batch_logprobs's two forwards.
+PACKED_ROW_TOKENS = 1024
+_MASKABLE_ATTENTION = ("sdpa", "eager")  # implementations that take a custom 4-D additive mask
+
+
+def _packed_rows(groups: list[Group]) -> tuple[list[list[int]], list[list[int]], list[list[int]], list]:
+    """Per group: its row's tokens (the prompt, then each completion but its last token), their positions,
+    their segments (0: prompt, j + 1: completion j), and per completion the row index of the hidden state
+    that predicts each of its tokens (the prompt's last one, then its own)."""
+    tokens, positions, segments, predictors = [], [], [], []
+    for prompt, completions in groups:
+        row, pos, seg = list(prompt), list(range(len(prompt))), [0] * len(prompt)
+        preds = []
+        for j, c in enumerate(completions):
+            start = len(row)
+            row += c[:-1]
+            pos += range(len(prompt), len(prompt) + len(c) - 1)
+            seg += [j + 1] * (len(c) - 1)
+            preds.append(([len(prompt) - 1] + list(range(start, start + len(c) - 1)))[: len(c)])
+        tokens.append(row)
+        positions.append(pos)
+        segments.append(seg)
+        predictors.append(preds)
+    return tokens, positions, segments, predictors
+
+
+def _block_mask(segments: list[list[int]], width: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The additive mask [B, 1, width, width]: a token sees the earlier tokens of the prompt and of its own
+    completion; padding sees only itself (so no softmax row is empty)."""
+    seg = torch.full((len(segments), width), -1, dtype=torch.long)
+    for b, s in enumerate(segments):
+        seg[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+    seg = seg.to(device)
+    order = torch.arange(width, device=device)
+    causal = order[:, None] >= order[None, :]
+    same = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])
+    visible = (causal & same & (seg >= 0)[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)
+    mask = torch.zeros(visible.shape, dtype=dtype, device=device)
+    return mask.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
+
+
+def _packable(model: torch.nn.Module, tokens: list[list[int]]) -> bool:
+    """Whether one masked row per group computes what the model's own masks would (see packed_logprobs)."""
+    config = model.config
+    width = max(len(t) for t in tokens)
+    window = getattr(config, "sliding_window", None)
+    attention = getattr(config, "_attn_implementation", None)
+    reaches_window = bool(window) and width >= window
+    return width <= PACKED_ROW_TOKENS and attention in _MASKABLE_ATTENTION and not reaches_window
+
+
+def _embed(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The input embeddings of `ids`. With tied embeddings the lookup's gradient is sparse: it is summed into
+    the LM head's dense gradient rather than materialised as a second [vocab, hidden] tensor."""
+    table = model.get_input_embeddings()
+    tied = table.weight is model.get_output_embeddings().weight
+    return torch.nn.functional.embedding(ids, table.weight, table.padding_idx, sparse=tied)
+
+
+def packed_logprobs(
+    model: torch.nn.Module,
+    groups: list[Group],
+    filt: LogitFilter,
+    chunk_size: int = 1024,
+    keep_bytes: int = 0,
+) -> list[list[torch.Tensor]]:
+    """Per group, the log-probs of each completion's tokens given the group's prompt, like batch_logprobs,
+    in one forward: each group is one row, its prompt then its completions, under a block mask.
+
+    Falls back to batch_logprobs where the mask would not reproduce the model's own attention (an attention
+    implementation that takes no custom mask, a row that reaches a sliding window) or would cost more than
+    the two forwards (rows longer than PACKED_ROW_TOKENS).
+    """
+    _check_prompts(groups)
+    if not any(cs for _, cs in groups):
+        return [[] for _ in groups]
+    tokens, positions, segments, predictors = _packed_rows(groups)
+    if not _packable(model, tokens):
+        return batch_logprobs(model, groups, filt, chunk_size, keep_bytes)
+    device = next(model.parameters()).device
+    ids, real = _right_padded(tokens, device)
+    pos = torch.zeros_like(ids)
+    for b, p in enumerate(positions):
+        pos[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+    embeds = _embed(model, ids)
+    mask = _block_mask(segments, ids.shape[1], embeds.dtype, device)
+    hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+                              use_cache=False).last_hidden_state
+    rows = [b for b, preds in enumerate(predictors) for p in preds for _ in p]
+    cols = [i for preds in predictors for p in preds for i in p]
+    targets = torch.tensor([t for _, cs in groups for c in cs for t in c], dtype=torch.long, device=device)
+    picked = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
+    head = model.get_output_embeddings().weight
+    scores = head_logprobs(picked, head, targets, filt, chunk_size, keep_bytes)
+    scores = list(scores.split([len(c) for _, cs in groups for c in cs]))
+    return _split(scores, [len(cs) for _, cs in groups])
 
 
 def _split(items: list, counts: list[int]) -> list[list]:

@@ -1,9 +1,10 @@
 """The update phase: PPO epochs of the corrected GRPO loss over a rollout, in micro-batches of groups.
 
-The packed path (default) runs as many prompt groups per forward as fit `max_update_tokens`, keeps the LM
-head's logits for backward within `head_memory_mb`, steps a fused AdamW and can autocast to bfloat16.
-The per-group path is the earlier update phase (one group per forward, the LM head always recomputed in
-backward, a per-parameter AdamW), kept to compare against: both compute the same loss and gradients.
+The packed path (default) runs as many prompt groups per forward as fit `max_update_tokens`, each group one
+masked row (`packed_logprobs`), keeps the LM head's logits for backward within `head_memory_mb`, steps a
+fused AdamW and can autocast to bfloat16. The per-group path is the earlier update phase (one group per
+micro-batch, prompt and completions in two forwards, the LM head always recomputed in backward, a
+per-parameter AdamW), kept to compare against: both compute the same loss and gradients.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch.autograd.graph import increment_version
 
 from nreft_engine.train.config import TrainConfig
 from nreft_engine.train.corrections import ratio_stats
-from nreft_engine.train.logprobs import LogitFilter, batch_logprobs
+from nreft_engine.train.logprobs import LogitFilter, batch_logprobs, packed_logprobs
 from nreft_engine.train.objectives import group_advantages, loss_normalizer, policy_loss
 
 
@@ -79,6 +80,7 @@ class Updater:
         self.max_tokens = config.max_update_tokens if packed else 0  # 0: one group per micro-batch
         self.keep_bytes = config.head_memory_mb << 20 if packed else 0
         self.autocast_dtype = torch.bfloat16 if packed and config.update_dtype == "bfloat16" else None
+        self.group_logprobs = packed_logprobs if packed else batch_logprobs
 
     def _logprobs(self, model: torch.nn.Module, groups: list) -> list[torch.Tensor]:
         """Every completion's log-probs of the groups, in order (autocast if configured)."""
@@ -86,7 +88,8 @@ class Updater:
         autocast = (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else contextlib.nullcontext())
         with autocast:
-            per_group = batch_logprobs(model, groups, self.filter, self.config.chunk_size, self.keep_bytes)
+            per_group = self.group_logprobs(model, groups, self.filter, self.config.chunk_size,
+                                            self.keep_bytes)
         return [lp.float() for group in per_group for lp in group]
 
     def __call__(self, prompt_ids: list[list[int]], completions: list[list[list[int]]],
