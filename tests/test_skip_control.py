@@ -17,7 +17,7 @@ from nreft_engine.train.config import TrainConfig
 from nreft_engine.train.data import arithmetic_task
 from nreft_engine.train.loop import Trainer
 from nreft_engine.train.metrics import read_metrics
-from nreft_engine.train.skip_control import SkipController, StepSkips, _controller
+from nreft_engine.train.skip_control import SkipController, StepSkips, _controller, importance_ceiling
 
 
 def test_moves_up_above_the_band_down_below_it_and_holds_inside():
@@ -75,6 +75,19 @@ def test_the_wait_doubles_only_for_the_same_count():
     c = SkipController(target_ess=0.9, band=0.05, min_layers=0, max_layers=6, start=4, retry_wait=5)
     assert run(c, 8) == [4, 3, 2, 2, 2, 2, 2, 3]  # 4 failed, then 3 (a new count: 5 steps, not 10)
     assert run(c, 11) == [2] * 10 + [3]
+
+
+def test_importance_ceiling_cuts_at_the_first_jump_and_caps_the_rises():
+    # eligible layers 1..5 sorted by importance: 0, 0, 0.3, 0.5, 2.0 -> a jump after the two zeros
+    importance = [9.0, 0.0, 0.5, 0.0, 0.3, 2.0, 9.0]
+    assert importance_ceiling(importance, [1, 2, 3, 4, 5]) == 2
+    assert importance_ceiling(importance, [2, 4, 5]) == 2  # 0.3, 0.5 (< 2x), then 2.0 (> 2x 0.5)
+    assert importance_ceiling(importance, [2, 4]) == 2  # no jump: every eligible layer
+    assert importance_ceiling(importance, [2, 4, 5], jump=5.0) == 3
+    assert importance_ceiling([1e-9, 3e-9, 0.4, 0.5], [0, 1, 2, 3]) == 2  # ~0 (fp noise) counts as equal
+    c = SkipController(target_ess=0.8, band=0.05, min_layers=0, max_layers=5, start=1)
+    assert [c.update(1.0, ceiling=2) for _ in range(4)] == [2, 2, 2, 2]  # exact, yet no third layer
+    assert c.update(1.0) == 3 and c.update(0.5, ceiling=2) == 2  # the ceiling caps rises, not falls
 
 
 def test_state_dict_round_trip():

@@ -15,6 +15,22 @@ AUTO = "auto"
 ESS_KEY = "ess_fraction"  # the key of corrections.ratio_stats that the controller reads
 RETRY_WAIT = 8  # steps before a count whose ESS fell below the band is tried again (doubling per failure)
 IMPORTANCE_PROMPTS = 64  # calibration prompts of the layer importance when importance_prompts is None
+IMPORTANCE_JUMP = 2.0  # with importance: no layer more than this many times as important as those skipped
+IMPORTANCE_FLOOR = 1e-3  # importances under this fraction of the largest are equal (an identity's fp noise)
+
+
+def importance_ceiling(importance: list[float], eligible: list[int], jump: float = IMPORTANCE_JUMP) -> int:
+    """The most layers an importance-weighted count may rise to: the eligible layers in order of importance,
+    cut before the first one more than `jump` times as important as the one before it (values under
+    IMPORTANCE_FLOOR of the largest count as that floor).
+
+    The ESS of c layers says nothing about a layer that changes the residual stream far more than any of
+    them (for an identity layer, about 0: any other layer), so the controller does not try it.
+    """
+    values = sorted(importance[i] for i in eligible)
+    floor = IMPORTANCE_FLOOR * max(values, default=0.0)
+    return next((c for c in range(1, len(values)) if values[c] > jump * max(values[c - 1], floor)),
+                len(values))
 
 
 class SkipController:
@@ -26,7 +42,8 @@ class SkipController:
     from oscillating: a count is kept as long as its ESS stays within the band; and a count whose ESS fell
     below the band is not tried again for `retry_wait` steps, twice as many after each further failure of
     it, until its ESS holds. So where the ESS jumps across the band from count c (fine) to c + 1 (far off),
-    the count settles on c, with ever rarer single steps at c + 1.
+    the count settles on c, with ever rarer single steps at c + 1. `update`'s `ceiling` (importance_ceiling,
+    where the skip sets follow the layers' importance) caps the rises.
     """
 
     def __init__(self, target_ess: float, band: float = 0.05, min_layers: int = 0, max_layers: int = 0,
@@ -49,8 +66,9 @@ class SkipController:
     def _clamp(self, count: int) -> int:
         return min(max(int(count), self.min_layers), self.max_layers)
 
-    def update(self, ess: float | None) -> int:
-        """Move the count by the step's ESS fraction (class docstring); returns the next step's count."""
+    def update(self, ess: float | None, ceiling: int | None = None) -> int:
+        """Move the count by the step's ESS fraction (class docstring), rising no higher than `ceiling` (if
+        given); returns the next step's count."""
         if ess is not None and not math.isnan(ess):
             if ess < self.target_ess - self.band:
                 self.wait = 2 * self.wait if self.failed == self.count else self.retry_wait
@@ -59,7 +77,8 @@ class SkipController:
             else:
                 if self.failed is not None and self.count >= self.failed:
                     self.failed = None  # the count that failed holds now
-                if ess > self.target_ess + self.band and self._may_rise():
+                below_ceiling = ceiling is None or self.count < ceiling
+                if ess > self.target_ess + self.band and below_ceiling and self._may_rise():
                     self.count = self._clamp(self.count + 1)
         self.updates += 1
         return self.count
@@ -148,9 +167,15 @@ class StepSkips:
         return cfg.skip_policy(ratio, seed, importance).plan(self.num_layers)
 
     def observe(self, record: dict) -> None:
-        """After a step: move the controller's count by the step record's ESS fraction."""
-        if self.controller is not None:
-            self.controller.update(record.get(ESS_KEY))
+        """After a step: move the controller's count by the step record's ESS fraction, with importance no
+        higher than its importance_ceiling."""
+        if self.controller is None:
+            return
+        ceiling = None
+        if self.importance is not None:
+            eligible = self.config.skip_policy(0.0, self.config.seed).eligible(self.num_layers)
+            ceiling = importance_ceiling(self.importance.values, eligible)
+        self.controller.update(record.get(ESS_KEY), ceiling)
 
     def stateful(self) -> dict:
         """The objects a checkpoint saves and restores (their state_dict / load_state_dict), by name."""
