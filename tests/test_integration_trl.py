@@ -118,6 +118,53 @@ def _logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
     return (logits / TEMPERATURE).log_softmax(-1).gather(1, torch.tensor(completion)[:, None]).squeeze(1)
 
 
+class Wrapped(torch.nn.Module):
+    """A stand-in for DDP's wrapper: the model inside, called through its forward."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def test_logprobs_with_each_prompt_run_once_equal_trls_per_row_forward(tmp_path, monkeypatch):
+    """On a scored batch (2 prompts x 2 rows): the log-probs, entropies and gradients equal GRPOTrainer's
+    own per-row computation (1e-5, 1e-5, 1e-4 relative), from one row per prompt; a wrapped model (DDP)
+    with gradients takes TRL's path."""
+    from nreft_engine.integrations import trl as integration
+
+    trainer, batches = run_trainer(tmp_path, max_steps=1)
+    batch, _ = batches[-1]
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    keep, model = batch["completion_ids"].shape[1], trainer.model
+    packed_rows = []
+    real = integration.completion_hidden
+    monkeypatch.setattr(integration, "completion_hidden",
+                        lambda m, groups: packed_rows.append(len(groups)) or real(m, groups))
+
+    def scores(compute, module):
+        model.zero_grad()
+        logps, entropy, _ = compute(module, ids, mask, keep, compute_entropy=True)
+        (logps * batch["completion_mask"]).sum().backward()
+        return logps.detach(), entropy, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    ours = scores(trainer._get_per_token_logps_and_entropies, model)
+    assert packed_rows == [2] and ids.shape[0] == 4
+    stock = trl.GRPOTrainer._get_per_token_logps_and_entropies
+    theirs = scores(lambda *args, **kwargs: stock(trainer, *args, **kwargs), model)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=1e-5)
+    assert len(ours[2]) == len(theirs[2])
+    for a, b in zip(ours[2], theirs[2]):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    wrapped = scores(trainer._get_per_token_logps_and_entropies, Wrapped(model))
+    assert packed_rows == [2]  # not called again: TRL's own forward
+    torch.testing.assert_close(wrapped[0], theirs[0], rtol=0, atol=0)
+
+
 def test_skip_policy_draws_one_set_per_optimizer_step_reproducibly(tmp_path):
     policy = SkipPolicy(0.25, seed=3)
     model = tiny_policy(num_hidden_layers=8)[0]

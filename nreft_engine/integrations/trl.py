@@ -4,7 +4,9 @@ The engine runs over the trainer's own model (its parameters, no copy) with a fr
 optimizer step, and hands TRL its exact behaviour log-probs. TRL's importance-sampling correction (the
 `vllm_importance_sampling_*` options, gated in TRL on `use_vllm`) then corrects the off-policy gap: the
 trainer plugs the engine in where TRL would call vLLM, through the small generation object TRL expects.
-Everything else (datasets, chat templates, rewards, logging, accelerate, checkpoints) stays TRL's.
+Everything else (datasets, chat templates, rewards, logging, accelerate, checkpoints) stays TRL's. TRL's
+log-probs of the completions (the update's forward and the old log-probs of the correction) are computed
+with each prompt run once for all of its rows, as the bundled trainer does, where TRL would run it per row.
 """
 
 from __future__ import annotations
@@ -16,17 +18,20 @@ import random
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 from trl import GRPOConfig, GRPOTrainer
 
 from nreft_engine.engine import Engine
 from nreft_engine.models.loader import model_spec
 from nreft_engine.sampling_params import SamplingParams
 from nreft_engine.skip import LayerPlan, SkipPolicy, SkipSpec, resolve_plan
+from nreft_engine.train.logprobs import Group, LogitFilter, completion_hidden, head_scores
 
 logger = logging.getLogger(__name__)
 
 # set as the trainer's vllm_mode: TRL's vLLM-only branches ("colocate", "server") stay off
 ENGINE_MODE = "nreft"
+HEAD_MEMORY = 512 << 20  # LM-head logits kept for backward; chunks past it are recomputed (--head-memory-mb)
 
 
 def check_config(args: GRPOConfig, allow_inexact_ratios: bool) -> None:
@@ -84,6 +89,25 @@ def check_model(model: Any, peft_config: Any, skip: SkipSpec) -> None:
         skip.num_skipped(num_layers)
     else:
         resolve_plan(skip, num_layers)
+
+
+def prompt_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  logits_to_keep: int) -> tuple[list[Group], list[int]] | None:
+    """TRL's rows (a padded prompt, then a completion of `logits_to_keep` columns) grouped by prompt: the
+    groups, and the row of each of their completions in order; None if a completion's mask has a gap."""
+    prompt_mask = attention_mask[:, :-logits_to_keep].bool()
+    completion_mask = attention_mask[:, -logits_to_keep:].bool()
+    lengths = completion_mask.sum(dim=1)
+    columns = torch.arange(logits_to_keep, device=attention_mask.device)
+    if not torch.equal(completion_mask, columns[None] < lengths[:, None]):
+        return None
+    prompts, completions = input_ids[:, :-logits_to_keep], input_ids[:, -logits_to_keep:]
+    rows: dict[tuple[int, ...], list[int]] = {}
+    for r in range(input_ids.shape[0]):
+        rows.setdefault(tuple(prompts[r][prompt_mask[r]].tolist()), []).append(r)
+    lengths = lengths.tolist()
+    groups = [(list(p), [completions[r, : lengths[r]].tolist() for r in rs]) for p, rs in rows.items()]
+    return groups, [r for rs in rows.values() for r in rs]
 
 
 def _seed(*key: Any) -> int:
@@ -198,6 +222,37 @@ class NestedGRPOTrainer(GRPOTrainer):
     @property
     def engine(self) -> Engine:
         return self.nreft_generation.engine
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                           batch_size=None, compute_entropy=False, compute_aux_loss=False,
+                                           **inputs):
+        """TRL's per-token log-probs (and entropies, detached) of the completion columns, with each prompt
+        run once for all of its rows (one masked row per prompt: nreft_engine.train.logprobs). TRL's own
+        per-row forward for a wrapped model (DDP) with gradients, images, an MoE aux loss, or rows that
+        layout does not take."""
+        plain = isinstance(model, PreTrainedModel) and (model is self.model or not torch.is_grad_enabled())
+        found = None
+        if plain and not compute_aux_loss and all(value is None for value in inputs.values()):
+            found = prompt_groups(input_ids, attention_mask, logits_to_keep)
+        with self.accelerator.autocast():
+            packed = None if found is None else completion_hidden(model, found[0])
+            if packed is None:
+                return super()._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
+                    compute_aux_loss, **inputs)
+            hidden, targets = packed
+            logps, entropy = head_scores(hidden, model.get_output_embeddings().weight, targets,
+                                         LogitFilter(self.temperature), keep_bytes=HEAD_MEMORY,
+                                         entropy=compute_entropy)
+        groups, order = found
+        lengths = [len(c) for _, cs in groups for c in cs]
+        index = (torch.tensor([r for r, n in zip(order, lengths) for _ in range(n)], device=logps.device),
+                 torch.tensor([i for n in lengths for i in range(n)], device=logps.device))
+
+        def by_row(flat: torch.Tensor) -> torch.Tensor:
+            return flat.new_zeros(input_ids.shape[0], logits_to_keep).index_put(index, flat)
+
+        return by_row(logps), (by_row(entropy) if compute_entropy else None), None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """TRL's log, plus the skip set of the latest training rollout since the last log."""

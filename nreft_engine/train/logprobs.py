@@ -44,21 +44,29 @@ class LogitFilter:
 
 
 def _chunk_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, filt: LogitFilter
-) -> torch.Tensor:
-    logits = filt(hidden @ weight.t())
-    return logits.log_softmax(dim=-1).gather(1, targets[:, None]).squeeze(1)
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, filt: LogitFilter,
+    entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The targets' log-probs of one chunk and, if asked, each row's entropy (no gradient)."""
+    logp = filt(hidden @ weight.t()).log_softmax(dim=-1)
+    picked = logp.gather(1, targets[:, None]).squeeze(1)
+    if not entropy:
+        return picked, None
+    with torch.no_grad():  # filtered tokens: p = 0 times a finite floor instead of -inf
+        return picked, -(logp.exp() * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(dim=-1)
 
 
-def head_logprobs(
+def head_scores(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
     filt: LogitFilter,
     chunk_size: int = 1024,
     keep_bytes: int = 0,
-) -> torch.Tensor:
-    """log p(targets[i] | hidden[i]) for hidden [N, H], LM-head weight [V, H], targets [N] -> fp32 [N].
+    entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(targets[i] | hidden[i]) for hidden [N, H], LM-head weight [V, H], targets [N] -> fp32 [N], and
+    with `entropy` the entropy of each row's distribution (fp32 [N], detached), else None.
 
     Chunks of `chunk_size` rows. With autograd, a chunk's fp32 logits stay alive for backward while all kept
     chunks fit `keep_bytes`; the chunks past it are checkpointed (recomputed in backward).
@@ -69,11 +77,26 @@ def head_logprobs(
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
         size = h.shape[0] * weight.shape[0] * 4
         if grad and kept + size > keep_bytes:
-            outs.append(checkpoint(_chunk_logprobs, h, weight, t, filt, use_reentrant=False))
+            outs.append(checkpoint(_chunk_logprobs, h, weight, t, filt, entropy, use_reentrant=False))
         else:
             kept += size if grad else 0
-            outs.append(_chunk_logprobs(h, weight, t, filt))
-    return torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.float32)
+            outs.append(_chunk_logprobs(h, weight, t, filt, entropy))
+    if not outs:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, (empty if entropy else None)
+    return torch.cat([o[0] for o in outs]), (torch.cat([o[1] for o in outs]) if entropy else None)
+
+
+def head_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    filt: LogitFilter,
+    chunk_size: int = 1024,
+    keep_bytes: int = 0,
+) -> torch.Tensor:
+    """head_scores's log-probs alone: fp32 [N]."""
+    return head_scores(hidden, weight, targets, filt, chunk_size, keep_bytes)[0]
 
 
 def _right_padded(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,26 +217,18 @@ def _embed(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.embedding(ids, table.weight, table.padding_idx, sparse=tied)
 
 
-def packed_logprobs(
-    model: torch.nn.Module,
-    groups: list[Group],
-    filt: LogitFilter,
-    chunk_size: int = 1024,
-    keep_bytes: int = 0,
-) -> list[list[torch.Tensor]]:
-    """Per group, the log-probs of each completion's tokens given the group's prompt, like batch_logprobs,
-    in one forward: each group is one row, its prompt then its completions, under a block mask.
-
-    Falls back to batch_logprobs where the mask would not reproduce the model's own attention (an attention
+def completion_hidden(
+    model: torch.nn.Module, groups: list[Group]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The final hidden states [N, H] that predict every completion token (by group, then completion, then
+    position) and those tokens [N], from one forward: each group is one row, its prompt then its completions,
+    under a block mask. None where that would not reproduce the model's own attention (an attention
     implementation that takes no custom mask, a row that reaches a sliding window) or would cost more than
-    the two forwards (rows longer than PACKED_ROW_TOKENS).
-    """
+    batch_logprobs's two forwards (rows longer than PACKED_ROW_TOKENS)."""
     _check_prompts(groups)
-    if not any(cs for _, cs in groups):
-        return [[] for _ in groups]
     tokens, positions, segments, predictors = _packed_rows(groups)
     if not _packable(model, tokens):
-        return batch_logprobs(model, groups, filt, chunk_size, keep_bytes)
+        return None
     device = next(model.parameters()).device
     ids, real = _right_padded(tokens, device)
     pos = torch.zeros_like(ids)
@@ -226,9 +241,27 @@ def packed_logprobs(
     rows = [b for b, preds in enumerate(predictors) for p in preds for _ in p]
     cols = [i for preds in predictors for p in preds for i in p]
     targets = torch.tensor([t for _, cs in groups for c in cs for t in c], dtype=torch.long, device=device)
-    picked = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
+    return hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)], targets
+
+
+def packed_logprobs(
+    model: torch.nn.Module,
+    groups: list[Group],
+    filt: LogitFilter,
+    chunk_size: int = 1024,
+    keep_bytes: int = 0,
+) -> list[list[torch.Tensor]]:
+    """Per group, the log-probs of each completion's tokens given the group's prompt, like batch_logprobs,
+    from completion_hidden's one forward; batch_logprobs's two where that returns None."""
+    _check_prompts(groups)
+    if not any(cs for _, cs in groups):
+        return [[] for _ in groups]
+    found = completion_hidden(model, groups)
+    if found is None:
+        return batch_logprobs(model, groups, filt, chunk_size, keep_bytes)
+    hidden, targets = found
     head = model.get_output_embeddings().weight
-    scores = head_logprobs(picked, head, targets, filt, chunk_size, keep_bytes)
+    scores = head_logprobs(hidden, head, targets, filt, chunk_size, keep_bytes)
     scores = list(scores.split([len(c) for _, cs in groups for c in cs]))
     return _split(scores, [len(cs) for _, cs in groups])
 
