@@ -120,7 +120,8 @@ def run(system: str, steps: int, task, out_dir: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--systems", nargs="+", default=["trl", "nested-0", f"nested-{MAIN_JOB.skip_ratio}"])
+    # the main job adapts its skip count; NestedGRPOTrainer takes a fixed ratio: 1 of the 30 layers
+    parser.add_argument("--systems", nargs="+", default=["trl", "nested-0", "nested-0.034"])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "trl_grpo.json"))
     args = parser.parse_args()
     torch.manual_seed(0)

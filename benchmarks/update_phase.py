@@ -2,8 +2,9 @@
 
 Two Trainers of the main job's config (`nreft train --model smollm2-135m-instruct`: SmolLM2-135M fp32, the
 arithmetic task, 8 prompts x 8 samples x 12 tokens) train copies of the same weights, one per update path.
-Every phase of the main job runs for both, alternating which goes first: the evaluation before, each step
-(rollout + update), the checkpoints, the evaluation after, the summary's throughput comparison. Prints the
+Every phase of the main job runs for both, alternating which goes first: the evaluation before, the layer
+importance, each step (rollout + update), the checkpoints, the evaluation after, the summary's throughput
+comparison. Prints the
 seconds of each path and the ratios (update phase, steps, the whole job); with --profile, a torch.profiler
 table of one update step per path. Writes JSON.
 
@@ -72,11 +73,14 @@ def main_job(trainers: dict[str, Trainer]) -> dict:
         elif phase == "throughput":
             interleaved(trainers, turn, lambda t: t.rollout_throughput(0.25), wall)
         else:
+            # the layer importance before the first step (and its re-measurements), as Trainer.train does
+            interleaved(trainers, turn, lambda t: t.skips.refresh(0, lambda record: None), wall)
             for step in range(cfg.steps):
                 for path, record in interleaved(trainers, turn, lambda t: t.train_step(step), wall).items():
                     per_step[path].append(record)
                 turn += 1
                 done = step + 1
+                interleaved(trainers, turn, lambda t: t.skips.refresh(done, lambda record: None), wall)
                 if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
                     interleaved(trainers, turn, lambda t: t.save(done), wall)
     def total(path: str, key: str) -> float:

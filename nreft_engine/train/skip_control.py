@@ -172,7 +172,7 @@ class StepSkips:
         if self.controller is None:
             return
         ceiling = None
-        if self.importance is not None:
+        if self.importance is not None and self.importance.values is not None:
             eligible = self.config.skip_policy(0.0, self.config.seed).eligible(self.num_layers)
             ceiling = importance_ceiling(self.importance.values, eligible)
         self.controller.update(record.get(ESS_KEY), ceiling)
