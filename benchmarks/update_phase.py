@@ -83,6 +83,8 @@ def main_job(trainers: dict[str, Trainer]) -> dict:
                 interleaved(trainers, turn, lambda t: t.skips.refresh(done, lambda record: None), wall)
                 if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
                     interleaved(trainers, turn, lambda t: t.save(done), wall)
+    # the run ends when its last checkpoint is on disk, as Trainer.train does
+    interleaved(trainers, turn, lambda t: t.checkpoints.wait(), wall)
     def total(path: str, key: str) -> float:
         return sum(r[key] for r in per_step[path])
 

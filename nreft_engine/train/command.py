@@ -63,16 +63,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--eval-every", type=int, default=config.eval_every,
       help="also evaluate every N steps (0: before and after only)")
     a("--eval-max-tokens", type=int, default=config.eval_max_tokens)
-    a("--save-every", type=int, default=config.save_every,
-      help="checkpoint every N steps, always at the end (0: only there); a rerun resumes from the newest "
-           "intact one (about 6 s to write for the 135M model)")
-    a("--keep-checkpoints", type=int, default=config.keep_checkpoints, help="0 keeps all")
-    a("--output-dir", default="runs/nested-reft",
-      help="metrics, plot, checkpoints and the run's config; one run at a time (locked)")
-    a("--no-resume", action="store_true", help="fail instead of resuming when the output dir has checkpoints")
-    a("--allow-config-change", action="store_true",
-      help=f"resume even though some of {', '.join(CHANGEABLE)} changed (steps: extending the run stretches "
-           "its LR schedule from the next step on); any other change of the recorded config is refused")
+    _add_run_dir_arguments(parser, config)
     a("--throughput-skip-ratio", type=float, default=0.25,
       help="skip ratio of the nested-vs-full rollout tokens/s comparison in the summary")
     a("--chunk-size", type=int, default=config.chunk_size,
@@ -81,13 +72,32 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     a("--seed", type=int, default=config.seed)
 
 
+def _add_run_dir_arguments(parser: argparse.ArgumentParser, config: TrainConfig) -> None:
+    """Options of the run's output folder: checkpoints, resuming, the lock."""
+    a = parser.add_argument
+    a("--save-every", type=int, default=config.save_every,
+      help="checkpoint every N steps, always at the end (0: only there); a rerun resumes from the newest "
+           "intact one (about 2.5 s to write for the 135M model)")
+    a("--keep-checkpoints", type=int, default=config.keep_checkpoints, help="0 keeps all")
+    a("--background-save", action=argparse.BooleanOptionalAction, default=config.background_save,
+      help="write each checkpoint from a copy of the state in memory while training goes on (one at a "
+           "time; the run ends when the last one is on disk); it pays off where the CPU idles during "
+           "the steps, not on a CPU that training keeps busy")
+    a("--output-dir", default="runs/nested-reft",
+      help="metrics, plot, checkpoints and the run's config; one run at a time (locked)")
+    a("--no-resume", action="store_true", help="fail instead of resuming when the output dir has checkpoints")
+    a("--allow-config-change", action="store_true",
+      help=f"resume even though some of {', '.join(CHANGEABLE)} changed (steps: extending the run stretches "
+           "its LR schedule from the next step on); any other change of the recorded config is refused")
+
+
 def _add_update_arguments(parser: argparse.ArgumentParser, config: TrainConfig) -> None:
     """Options of the update phase's speed (train/update.py); none changes the loss but --update-dtype."""
     a = parser.add_argument
     a("--update-path", choices=UPDATE_PATHS, default=config.update_path,
-      help="packed: several prompt groups per forward, LM-head logits kept within --head-memory-mb, fused "
-           "AdamW; per-group: the earlier update (one group per forward, LM head always recomputed, "
-           "per-parameter AdamW), same loss and gradients, kept to compare")
+      help="packed: several prompt groups per forward (each one block-masked row), LM-head logits kept "
+           "within --head-memory-mb, fused AdamW; per-group: the earlier update (one group per forward, LM "
+           "head always recomputed, per-parameter AdamW), same loss and gradients, kept to compare")
     a("--max-update-tokens", type=int, default=config.max_update_tokens,
       help="packed: prompt + completion tokens of the groups run in one forward/backward (a larger group "
            "runs alone)")

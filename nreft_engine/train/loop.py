@@ -12,6 +12,7 @@ import copy
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -19,12 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from nreft_engine import Engine, SamplingParams
-from nreft_engine.train.checkpoint import (
-    load_checkpoint,
-    model_fingerprint,
-    resume_checkpoint,
-    save_checkpoint,
-)
+from nreft_engine.train.checkpoint import load_checkpoint, model_fingerprint, resume_checkpoint
+from nreft_engine.train.checkpoint_writer import CheckpointWriter
 from nreft_engine.train.config import TrainConfig
 from nreft_engine.train.data import Problem, Task, batch_at, render_prompts
 from nreft_engine.train.logprobs import LogitFilter
@@ -90,6 +87,7 @@ class Trainer:
         self.filter = LogitFilter(config.temperature, config.top_k, config.top_p, config.min_p)
         self.updater = Updater(model, self.optimizer, self.lr_scheduler, config, self.filter, self.reference)
         self.checkpoint_dir = os.path.join(output_dir, "checkpoints")
+        self.checkpoints = CheckpointWriter(config.background_save)
         self.metrics_path = os.path.join(output_dir, "metrics.jsonl")
 
     def _lr_factor(self, step: int) -> float:
@@ -180,7 +178,10 @@ class Trainer:
             log = MetricsLog(self.metrics_path, resume_step=start)
             if first_eval is not None:
                 log.write({"type": "eval", "step": 0, **first_eval})
-            self._run_steps(start, log)
+            try:
+                self._run_steps(start, log)
+            finally:  # a checkpoint in flight is finished before the run's lock is released
+                self._finish_checkpoint(failing=sys.exc_info()[0] is not None)
             records = read_metrics(self.metrics_path)
             if not any(r["type"] == "eval" and r["step"] == cfg.steps for r in records):
                 log.write({"type": "eval", "step": cfg.steps, **self.evaluate()})
@@ -221,10 +222,20 @@ class Trainer:
                 self.save(done)
 
     def save(self, done: int) -> None:
-        """Checkpoint the run after `done` steps (model, optimizer, schedule, skip-control state)."""
-        save_checkpoint(self.checkpoint_dir, done, self.model, self.optimizer, self.lr_scheduler,
-                        self.fingerprint, self.config.keep_checkpoints, config=self.record,
-                        stateful=self.skips.stateful())
+        """Checkpoint the run after `done` steps (model, optimizer, schedule, skip-control state); with
+        background_save, written by a thread while the run goes on."""
+        self.checkpoints.save(self.checkpoint_dir, done, self.model, self.optimizer, self.lr_scheduler,
+                              self.fingerprint, self.config.keep_checkpoints, config=self.record,
+                              stateful=self.skips.stateful())
+
+    def _finish_checkpoint(self, failing: bool) -> None:
+        """Wait for the checkpoint in flight; its error is raised, or only logged while another one is."""
+        try:
+            self.checkpoints.wait()
+        except OSError:
+            if not failing:
+                raise
+            logger.exception("the last checkpoint could not be written")
 
     def train_step(self, step: int) -> dict:
         """One rollout + update; returns the step's metrics record."""

@@ -23,8 +23,8 @@ CONFIG_FILE = "run_config.json"
 # settings a resumed run may change with --allow-config-change: bookkeeping, chunking and the fp32 update's
 # batching (the same numbers) and steps (extending a run; the cosine LR schedule is then stretched over the
 # new total from the next step)
-CHANGEABLE = ("steps", "eval_every", "save_every", "keep_checkpoints", "chunk_size", "data_path",
-              "update_path", "max_update_tokens", "head_memory_mb")
+CHANGEABLE = ("steps", "eval_every", "save_every", "keep_checkpoints", "background_save", "chunk_size",
+              "data_path", "update_path", "max_update_tokens", "head_memory_mb")
 _HELD: set[str] = set()  # output dirs this process holds (the CLI locks before loading, the Trainer again)
 
 
