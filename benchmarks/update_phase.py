@@ -6,9 +6,11 @@ Every phase of the main job runs for both, alternating which goes first: the eva
 importance, each step (rollout + update), the checkpoints, the evaluation after, the summary's throughput
 comparison. Prints the
 seconds of each path and the ratios (update phase, steps, the whole job); with --profile, a torch.profiler
-table of one update step per path. Writes JSON.
+table of one update step per path; with --end-to-end N, the wall time of `nreft train` itself per path
+(each run a process of its own, N runs per path). Writes JSON.
 
-    python benchmarks/update_phase.py [--steps 20] [--profile] [--out benchmarks/results/update_phase.json]
+    python benchmarks/update_phase.py [--steps 20] [--profile] [--end-to-end 1]
+                                      [--out benchmarks/results/update_phase.json]
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -48,53 +53,79 @@ def build_trainers(steps: int, out_dir: str, settings: dict) -> dict[str, Traine
 
 
 def interleaved(trainers: dict[str, Trainer], turn: int, phase: Callable[[Trainer], object],
-                seconds: dict[str, float]) -> dict[str, object]:
-    """Run `phase` for each path (the order flips with `turn`), adding its wall time to `seconds`."""
+                seconds: dict[str, float], by_phase: dict[str, dict[str, float]] | None = None,
+                name: str = "") -> dict[str, object]:
+    """Run `phase` for each path (the order flips with `turn`), adding its wall time to `seconds` (and to
+    `by_phase[path][name]`)."""
     results = {}
     for path in (PATHS if turn % 2 == 0 else PATHS[::-1]):
         start = time.perf_counter()
         results[path] = phase(trainers[path])
-        seconds[path] += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        seconds[path] += elapsed
+        if by_phase is not None:
+            by_phase[path][name] = by_phase[path].get(name, 0.0) + elapsed
     return results
 
 
 def main_job(trainers: dict[str, Trainer]) -> dict:
-    """The main job's phases for both paths; per path the job's wall time and its steps' rollout/update s."""
+    """The main job's phases for both paths; per path the job's wall time, its steps' rollout/update s and
+    the seconds of each kind of phase."""
     cfg = trainers[PATHS[0]].config
     wall: dict[str, float] = defaultdict(float)
+    phases: dict[str, dict[str, float]] = defaultdict(dict)
     per_step: dict[str, list[dict]] = defaultdict(list)
     accuracy: dict[str, list[float]] = defaultdict(list)
+
+    def run(name: str, phase: Callable[[Trainer], object]) -> dict[str, object]:
+        return interleaved(trainers, turn, phase, wall, phases, name)
+
     turn = 0
-    for phase in ("before", "steps", "after", "throughput"):
-        if phase in ("before", "after"):
-            for path, result in interleaved(trainers, turn, Trainer.evaluate, wall).items():
-                accuracy[path].append(result["accuracy"])
-            turn += 1
-        elif phase == "throughput":
-            interleaved(trainers, turn, lambda t: t.rollout_throughput(0.25), wall)
-        else:
-            # the layer importance before the first step (and its re-measurements), as Trainer.train does
-            interleaved(trainers, turn, lambda t: t.skips.refresh(0, lambda record: None), wall)
-            for step in range(cfg.steps):
-                for path, record in interleaved(trainers, turn, lambda t: t.train_step(step), wall).items():
-                    per_step[path].append(record)
-                turn += 1
-                done = step + 1
-                interleaved(trainers, turn, lambda t: t.skips.refresh(done, lambda record: None), wall)
-                if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
-                    interleaved(trainers, turn, lambda t: t.save(done), wall)
-    # the run ends when its last checkpoint is on disk, as Trainer.train does
-    interleaved(trainers, turn, lambda t: t.checkpoints.wait(), wall)
+    for path, result in run("evaluations", Trainer.evaluate).items():
+        accuracy[path].append(result["accuracy"])
+    turn += 1
+    # the layer importance before the first step (and its re-measurements), as Trainer.train does
+    run("layer importance", lambda t: t.skips.refresh(0, lambda record: None))
+    for step in range(cfg.steps):
+        for path, record in run("steps", lambda t: t.train_step(step)).items():
+            per_step[path].append(record)
+        turn += 1
+        done = step + 1
+        run("layer importance", lambda t: t.skips.refresh(done, lambda record: None))
+        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+            run("checkpoints", lambda t: t.save(done))
+    run("checkpoints", lambda t: t.checkpoints.wait())  # the run ends when its last checkpoint is on disk
+    for path, result in run("evaluations", Trainer.evaluate).items():
+        accuracy[path].append(result["accuracy"])
+    turn += 1
+    run("throughput probe", lambda t: t.rollout_throughput(0.25))
+
     def total(path: str, key: str) -> float:
         return sum(r[key] for r in per_step[path])
 
     return {path: {"wall_s": wall[path], "rollout_s": total(path, "rollout_s"),
-                   "update_s": total(path, "train_s"),
+                   "update_s": total(path, "train_s"), "phases_s": phases[path],
                    "micro_batches_per_step": total(path, "update_micro_batches") / cfg.steps,
                    "trained_groups_per_step": total(path, "trained_groups") / cfg.steps,
                    "accuracy_before_after": accuracy[path],
                    "update_s_per_step": [round(r["train_s"], 3) for r in per_step[path]]}
             for path in PATHS}
+
+
+def end_to_end(steps: int, repeats: int, out_dir: str) -> dict[str, list[float]]:
+    """Wall seconds of the main job itself, `nreft train` in a process of its own, per update path, run
+    `repeats` times each with the order alternating: loading, evaluations, steps, checkpoints, summary."""
+    seconds: dict[str, list[float]] = defaultdict(list)
+    for r in range(repeats):
+        for path in (PATHS if r % 2 == 0 else PATHS[::-1]):
+            cmd = [sys.executable, "-m", "nreft_engine.cli", "train", "--model", DEFAULT_MODEL, "--steps",
+                   str(steps), "--update-path", path, "--output-dir", os.path.join(out_dir, f"{path}-{r}")]
+            start = time.perf_counter()
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{run.stderr[-3000:]}")
+            seconds[path].append(time.perf_counter() - start)
+    return dict(seconds)
 
 
 def profile_update(trainer: Trainer, rows: int) -> tuple[float, str, dict[str, float]]:
@@ -127,12 +158,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=TrainConfig().steps)
     parser.add_argument("--update-dtype", default="float32", help="the packed path's --update-dtype")
     parser.add_argument("--profile", action="store_true", help="also profile one update step per path")
+    parser.add_argument("--end-to-end", type=int, default=0, metavar="N",
+                        help="also time the main job itself (`nreft train`, own process) N times a path")
     parser.add_argument("--out", default="benchmarks/results/update_phase.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as out_dir:
         trainers = build_trainers(args.steps, out_dir, {"update_dtype": args.update_dtype})
         job = main_job(trainers)
         profiles = {path: profile_update(trainers[path], 15) for path in PATHS} if args.profile else {}
+        del trainers
+        separate = end_to_end(args.steps, args.end_to_end, out_dir) if args.end_to_end else {}
     old, new = job["per-group"], job["packed"]
     ratios = {key: old[key] / new[key] for key in ("update_s", "rollout_s", "wall_s")}
     ratios["steps_s"] = (old["update_s"] + old["rollout_s"]) / (new["update_s"] + new["rollout_s"])
@@ -142,15 +177,22 @@ def main() -> None:
         print(f"{label:<28}{old[key]:>12.1f}{new[key]:>12.1f}{ratios[key]:>8.2f}x")
     print(f"{'steps (rollout + update), s':<28}{old['update_s'] + old['rollout_s']:>12.1f}"
           f"{new['update_s'] + new['rollout_s']:>12.1f}{ratios['steps_s']:>8.2f}x")
+    for name in old["phases_s"]:
+        print(f"  {name:<26}{old['phases_s'][name]:>12.1f}{new['phases_s'][name]:>12.1f}")
     print(f"micro-batches per step: {old['micro_batches_per_step']:.1f} -> "
           f"{new['micro_batches_per_step']:.1f}; accuracy before/after: "
           f"{old['accuracy_before_after']} / {new['accuracy_before_after']}")
+    if separate:
+        old_s, new_s = (sum(separate[p]) / len(separate[p]) for p in PATHS)
+        ratios["end_to_end_s"] = old_s / new_s
+        print(f"{'nreft train, own process, s':<28}{old_s:>12.1f}{new_s:>12.1f}{old_s / new_s:>8.2f}x  "
+              f"(runs: {separate})")
     for path, (seconds, table, grouped) in profiles.items():
         print(f"\nprofile of one update step, {path}: {seconds:.2f} s\n" +
               "\n".join(f"  {kind:<48}{s:7.2f} s" for kind, s in grouped.items()) + "\n" + table)
     result = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "steps": args.steps,
-              "update_dtype": args.update_dtype, "paths": job, "ratios": ratios,
+              "update_dtype": args.update_dtype, "paths": job, "ratios": ratios, "end_to_end_s": separate,
               "profile": {p: {"seconds": s, "self_cpu_s": g} for p, (s, _, g) in profiles.items()}}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
