@@ -1,10 +1,11 @@
 """The update phase: PPO epochs of the corrected GRPO loss over a rollout, in micro-batches of groups.
 
 The packed path (default) runs as many prompt groups per forward as fit `max_update_tokens`, each group one
-masked row (`packed_logprobs`), keeps the LM head's logits for backward within `head_memory_mb`, steps a
-fused AdamW and can autocast to bfloat16. The per-group path is the earlier update phase (one group per
-micro-batch, prompt and completions in two forwards, the LM head always recomputed in backward, a
-per-parameter AdamW), kept to compare against: both compute the same loss and gradients.
+masked row (`packed_logprobs`), keeps the LM head's logits for backward within `head_memory_mb`, clips
+the gradient norm with foreach kernels, steps a fused AdamW and can autocast to bfloat16. The per-group
+path is the earlier update phase (one group per micro-batch, prompt and completions in two forwards, the LM
+head always recomputed in backward, per-parameter clipping and AdamW), kept to compare against: both
+compute the same loss and gradients.
 """
 
 from __future__ import annotations
@@ -130,7 +131,9 @@ class Updater:
                 tokens += int(mask.sum())
                 if epoch == 0:
                     stats_parts.append((log_ratio, mask, corrected))
-            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)))
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip,
+                                                  foreach=True if self.fused else None)
+            grad_norms.append(float(norm))
             self.optimizer.step()  # a no-op without gradients; keeps the schedule tied to the step count
             if self.fused:
                 increment_version([p for group in self.optimizer.param_groups for p in group["params"]])
