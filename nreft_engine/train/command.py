@@ -11,6 +11,7 @@ import torch
 
 from nreft_engine import Engine
 from nreft_engine.cli_args import add_model_arguments
+from nreft_engine.linear import training_prepack
 from nreft_engine.models.loader import load_model
 from nreft_engine.train.config import UPDATE_DTYPES, UPDATE_PATHS, TrainConfig
 from nreft_engine.train.corrections import CORRECTIONS, CorrectionConfig
@@ -197,7 +198,8 @@ def run_train(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.model, dtype=torch.float32)
         if tokenizer is None:
             raise ValueError(f"model {args.model!r} has no tokenizer; training needs one (prompts, rewards)")
-        engine = Engine(model, tokenizer, kv_cache_memory=args.kv_cache_memory)
+        engine = Engine(model, tokenizer, kv_cache_memory=args.kv_cache_memory,
+                        prepack_weights=training_prepack(model))
         config.skip_policy(args.throughput_skip_ratio, config.seed).num_skipped(engine.num_layers)
         trainer = Trainer(model, tokenizer, task, rewards, accuracy, config, args.output_dir, args.model,
                           engine=engine, run_info=run_info)

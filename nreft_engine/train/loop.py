@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nreft_engine import Engine, SamplingParams
+from nreft_engine.linear import training_prepack
 from nreft_engine.train.checkpoint import load_checkpoint, model_fingerprint, resume_checkpoint
 from nreft_engine.train.checkpoint_writer import CheckpointWriter
 from nreft_engine.train.config import TrainConfig
@@ -77,7 +78,8 @@ class Trainer:
         self.model, self.tokenizer, self.task, self.config = model, tokenizer, task, config
         self.rewards, self.accuracy_fn = rewards, accuracy_fn
         self.output_dir = output_dir
-        self.engine = engine or Engine(model, tokenizer, kv_cache_memory=kv_cache_memory)
+        self.engine = engine or Engine(model, tokenizer, kv_cache_memory=kv_cache_memory,
+                                       prepack_weights=training_prepack(model))
         self.skips = StepSkips(config, self.engine, tokenizer, task)  # checks the skip settings' fit
         self.record = run_record(config, model_name, task, rewards, accuracy_fn, run_info)
         self.fingerprint = model_fingerprint(model, model_name)
