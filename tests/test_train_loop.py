@@ -10,7 +10,7 @@ import torch
 from test_train_support import tiny_trainer as _trainer
 from train_testing import train_until_killed
 
-from nreft_engine import SamplingParams
+from nreft_engine import Engine, SamplingParams
 from nreft_engine.cli import main as cli_main
 from nreft_engine.train.data import render_prompts
 from nreft_engine.train.logprobs import group_logprobs
@@ -19,8 +19,14 @@ from nreft_engine.train.metrics import read_metrics
 TIMING_KEYS = {"rollout_tokens_per_s", "train_tokens_per_s", "rollout_s", "train_s"}
 
 
-def test_engine_reads_the_updated_weights(tmp_path):
+@pytest.mark.parametrize("prepack", [False, True])
+def test_engine_reads_the_updated_weights(tmp_path, prepack):
+    """The trainer's own engine (on the CPU: the model's weights in place, no packed copies), and one with
+    packed copies, which must be re-packed after the fused optimizer step."""
     trainer = _trainer(tmp_path, skip_ratio=0.0)
+    assert trainer.engine.runner.prepack_weights is False
+    if prepack:
+        trainer.engine = Engine(trainer.model, trainer.tokenizer, kv_cache_memory=2**24, prepack_weights=True)
     prompt = render_prompts(trainer.tokenizer, trainer.task.heldout[:1])
     params = SamplingParams(n=1, max_tokens=6, ignore_eos=True, seed=7)
     before = trainer.engine.generate(prompt, params)[0].outputs[0]
