@@ -39,7 +39,7 @@ def grpo_config(out_dir, **overrides) -> GRPOConfig:
     return GRPOConfig(**{**settings, **overrides})
 
 
-def run_trainer(out_dir, skip=None, model=None, **config):
+def run_trainer(out_dir, skip=None, model=None, engine_kwargs=None, **config):
     """Train 2 steps; returns the trainer and every batch TRL scored, with the model's weights at the time."""
     model = model if model is not None else tiny_policy()[0]
     model.train()
@@ -51,7 +51,7 @@ def run_trainer(out_dir, skip=None, model=None, **config):
     trainer = NestedGRPOTrainer(
         model=model, reward_funcs=token_reward, args=grpo_config(out_dir, **config),
         train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}), processing_class=char_tokenizer(),
-        skip=skip, engine_kwargs={"kv_cache_memory": 1 << 22},
+        skip=skip, engine_kwargs={"kv_cache_memory": 1 << 22, **(engine_kwargs or {})},
     )
     batches = []
     score = trainer._generate_and_score_completions
@@ -85,8 +85,11 @@ def test_full_model_rollouts_give_ratios_of_one_in_every_mode(tmp_path, mode):
     assert all(r["nreft/rollout_tokens_per_s"] > 0 for r in logged)
 
 
-def test_rollouts_after_an_optimizer_step_run_the_updated_weights(tmp_path):
-    _, batches = run_trainer(tmp_path)
+@pytest.mark.parametrize("prepack", [False, True])
+def test_rollouts_after_an_optimizer_step_run_the_updated_weights(tmp_path, prepack):
+    """The engine on the model's own weights (the CPU default), and on packed copies re-packed per step."""
+    trainer, batches = run_trainer(tmp_path, engine_kwargs={"prepack_weights": True} if prepack else None)
+    assert trainer.engine.runner.prepack_weights is prepack
     (first, weights_1), (second, weights_2) = batches
     assert any(not torch.equal(weights_1[k], weights_2[k]) for k in weights_1)  # the step changed the model
     torch.testing.assert_close(

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 from trl import GRPOConfig, GRPOTrainer
 
 from nreft_engine.engine import Engine
+from nreft_engine.linear import training_prepack
 from nreft_engine.models.loader import model_spec
 from nreft_engine.sampling_params import SamplingParams
 from nreft_engine.skip import LayerPlan, SkipPolicy, SkipSpec, resolve_plan
@@ -125,8 +126,9 @@ class EngineGeneration:
         self._calls = 0
 
     def sync_weights(self) -> None:
-        """Re-pack the engine's weight copies after an optimizer step: all of them, since fused optimizers
-        (transformers' default AdamW on recent torch) update parameters without moving version counters."""
+        """Re-pack the engine's weight copies (if it has any: not on the CPU, see training_prepack) after an
+        optimizer step: all of them, since fused optimizers (transformers' default AdamW on recent torch)
+        update parameters without moving version counters."""
         self.engine.refresh_packed_weights(force=True)
 
     def plan(self, step: int, rank: int, training: bool) -> LayerPlan:
@@ -206,7 +208,8 @@ class NestedGRPOTrainer(GRPOTrainer):
         check_model(model, kwargs.get("peft_config"), skip)
         super().__init__(model, reward_funcs, args, *positional, **kwargs)
         check_model(self.model, None, skip)
-        engine = Engine(self.model, **(engine_kwargs or {}))
+        options = {"prepack_weights": training_prepack(self.model), **(engine_kwargs or {})}
+        engine = Engine(self.model, **options)
         self.nreft_generation = EngineGeneration(self, engine, skip)
         if not self.vllm_importance_sampling_correction:
             logger.warning(
