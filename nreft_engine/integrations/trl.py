@@ -26,13 +26,15 @@ from nreft_engine.linear import training_prepack
 from nreft_engine.models.loader import model_spec
 from nreft_engine.sampling_params import SamplingParams
 from nreft_engine.skip import LayerPlan, SkipPolicy, SkipSpec, resolve_plan
+from nreft_engine.train.config import TrainConfig
 from nreft_engine.train.logprobs import Group, LogitFilter, completion_hidden, head_scores
 
 logger = logging.getLogger(__name__)
 
 # set as the trainer's vllm_mode: TRL's vLLM-only branches ("colocate", "server") stay off
 ENGINE_MODE = "nreft"
-HEAD_MEMORY = 512 << 20  # LM-head logits kept for backward; chunks past it are recomputed (--head-memory-mb)
+# LM-head logits kept for backward, as the bundled trainer keeps them; chunks past it are recomputed
+HEAD_MEMORY = TrainConfig.head_memory_mb << 20
 
 
 def check_config(args: GRPOConfig, allow_inexact_ratios: bool) -> None:

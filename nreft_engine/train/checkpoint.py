@@ -179,7 +179,7 @@ def _final(root: str, step: int) -> str:
 
 
 def write_checkpoint(root: str, step: int, tmp: str, state: CheckpointState, fingerprint: dict, keep: int,
-            config: dict | None) -> str:
+                     config: dict | None) -> str:
     """Write `state` into `tmp`, rename it into place, delete the old checkpoints past `keep`."""
     final = _final(root, step)
     try:

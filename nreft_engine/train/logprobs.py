@@ -99,15 +99,19 @@ def head_logprobs(
     return head_scores(hidden, weight, targets, filt, chunk_size, keep_bytes)[0]
 
 
+def _padded(rows: list[list[int]], fill: int, device: torch.device) -> torch.Tensor:
+    """Integer rows as a [B, max len] long tensor, `fill` past each row's end."""
+    out = torch.full((len(rows), max(len(r) for r in rows)), fill, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out.to(device)
+
+
 def _right_padded(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids [B, max len] (0 past each row's end) and the bool mask of the real tokens."""
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = True
-    return ids.to(device), mask.to(device)
+    lengths = torch.tensor([len(r) for r in rows], device=device)
+    ids = _padded(rows, 0, device)
+    return ids, torch.arange(ids.shape[1], device=device)[None] < lengths[:, None]
 
 
 def batch_logprobs(
@@ -184,13 +188,11 @@ def _packed_rows(groups: list[Group]) -> tuple[list[list[int]], list[list[int]],
     return tokens, positions, segments, predictors
 
 
-def _block_mask(segments: list[list[int]], width: int, dtype: torch.dtype, device) -> torch.Tensor:
+def _block_mask(segments: list[list[int]], dtype: torch.dtype, device) -> torch.Tensor:
     """The additive mask [B, 1, width, width]: a token sees the earlier tokens of the prompt and of its own
-    completion; padding sees only itself (so no softmax row is empty)."""
-    seg = torch.full((len(segments), width), -1, dtype=torch.long)
-    for b, s in enumerate(segments):
-        seg[b, : len(s)] = torch.tensor(s, dtype=torch.long)
-    seg = seg.to(device)
+    completion; padding (segment -1) sees only itself (so no softmax row is empty)."""
+    seg = _padded(segments, -1, device)
+    width = seg.shape[1]
     order = torch.arange(width, device=device)
     causal = order[:, None] >= order[None, :]
     same = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])
@@ -230,14 +232,10 @@ def completion_hidden(
     if not _packable(model, tokens):
         return None
     device = next(model.parameters()).device
-    ids, real = _right_padded(tokens, device)
-    pos = torch.zeros_like(ids)
-    for b, p in enumerate(positions):
-        pos[b, : len(p)] = torch.tensor(p, dtype=torch.long)
-    embeds = _embed(model, ids)
-    mask = _block_mask(segments, ids.shape[1], embeds.dtype, device)
-    hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
-                              use_cache=False).last_hidden_state
+    embeds = _embed(model, _padded(tokens, 0, device))
+    mask = _block_mask(segments, embeds.dtype, device)
+    hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask,
+                              position_ids=_padded(positions, 0, device), use_cache=False).last_hidden_state
     rows = [b for b, preds in enumerate(predictors) for p in preds for _ in p]
     cols = [i for preds in predictors for p in preds for i in p]
     targets = torch.tensor([t for _, cs in groups for c in cs for t in c], dtype=torch.long, device=device)
