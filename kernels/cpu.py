@@ -30,15 +30,14 @@ from nreft_engine.kernels.sampler import sample_reference
 
 _DTYPES = (torch.float32, torch.bfloat16)
 PACKED_LINEAR_DTYPES = _DTYPES
-# Most rows for which the small-batch kernel beats oneDNN (2-core Zen 4, SmolLM2 shapes;
-# benchmarks/RESULTS.md)
-ROWS16_MAX_ROWS = {torch.float32: 8, torch.bfloat16: 4}
 
 __all__ = [
     "PackedLinear",
     "can_pack_linear",
     "isa",
     "linear_packed",
+    "onednn_bf16",
+    "onednn_dtype",
     "pack_linear_weight",
     "paged_decode_attention_cpu",
     "paged_prefill_attention_by_rows",
@@ -67,18 +66,32 @@ def can_pack_linear() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+@functools.cache
+def onednn_bf16() -> bool:
+    """True when oneDNN multiplies bf16 natively here: it needs AVX-512 (BW, VL, DQ), AVX-NE-CONVERT or AMX,
+    and honours ONEDNN_MAX_CPU_ISA (read once per process, so neither changes)."""
+    return can_pack_linear() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def onednn_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the oneDNN copy of a `dtype` weight: its own, or float32 for bf16 where oneDNN has no
+    native bf16 (a widened copy, multiplied in fp32 and rounded to bf16 once, as native bf16 rounds)."""
+    return torch.float32 if dtype == torch.bfloat16 and not onednn_bf16() else dtype
+
+
 class PackedLinear(NamedTuple):
-    """A weight [out, in] copied into two layouts: oneDNN's blocked one (an opaque mkldnn tensor) for batches,
-    `pack_rows16`'s [ceil(out / 16), in, 16] for a few rows, where the matmul only streams the weight.
-    Without the oneDNN copy (None) every row count runs the small-batch kernel, which computes each row
-    the same way whatever the batch: batch-invariant."""
+    """A weight [out, in] copied into two layouts: oneDNN's blocked one (an opaque mkldnn tensor, of
+    `onednn_dtype`) for batches, `pack_rows16`'s [ceil(out / 16), in, 16] for up to `small_batch_rows` rows,
+    where the matmul only streams the weight. Without the oneDNN copy (None) every row count runs the
+    small-batch kernel, which computes each row the same way whatever the batch: batch-invariant."""
 
     onednn: torch.Tensor | None
     rows16: torch.Tensor
     out_features: int
+    small_batch_rows: int
 
 
-def pack_linear_weight(weight: torch.Tensor, onednn: bool = True) -> PackedLinear:
+def pack_linear_weight(weight: torch.Tensor, onednn: bool = True, small_batch_rows: int = 0) -> PackedLinear:
     """`weight` [out, in] (float32 / bfloat16) copied into both layouts of `PackedLinear` (with `onednn`
     False, the small-batch one only)."""
     if weight.dtype not in PACKED_LINEAR_DTYPES or weight.dim() != 2:
@@ -86,17 +99,23 @@ def pack_linear_weight(weight: torch.Tensor, onednn: bool = True) -> PackedLinea
             f"can only pack 2-D float32/bfloat16 weights, got {weight.dtype} {tuple(weight.shape)}"
         )
     weight = weight.detach().contiguous()
-    blocked = torch.ops.mkldnn._reorder_linear_weight(weight) if onednn else None
-    return PackedLinear(blocked, _C.pack_rows16(weight), weight.shape[0])
+    blocked = None
+    if onednn:
+        blocked = torch.ops.mkldnn._reorder_linear_weight(weight.to(onednn_dtype(weight.dtype)))
+    return PackedLinear(blocked, _C.pack_rows16(weight), weight.shape[0], small_batch_rows)
 
 
 def linear_packed(x: torch.Tensor, weight: PackedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W.T + bias with W from `pack_linear_weight`; x [..., in] of W's dtype, any number of rows (up to
-    ROWS16_MAX_ROWS through the small-batch kernel, more through oneDNN; all of them through the small-batch
-    kernel when W has no oneDNN copy)."""
-    if weight.onednn is None or x.numel() <= ROWS16_MAX_ROWS.get(x.dtype, 0) * x.shape[-1]:
+    W's `small_batch_rows` through the small-batch kernel, more through oneDNN; all of them through the
+    small-batch kernel when W has no oneDNN copy)."""
+    if weight.onednn is None or x.numel() <= weight.small_batch_rows * x.shape[-1]:
         return _C.linear_rows16_cpu(x, weight.rows16, bias, weight.out_features)
-    return torch.ops.mkldnn._linear_pointwise(x, weight.onednn, bias, "none", [], "")
+    compute = weight.onednn.dtype
+    if x.dtype == compute:
+        return torch.ops.mkldnn._linear_pointwise(x, weight.onednn, bias, "none", [], "")
+    bias = bias.to(compute) if bias is not None else None
+    return torch.ops.mkldnn._linear_pointwise(x.to(compute), weight.onednn, bias, "none", [], "").to(x.dtype)
 
 
 def prefill_attention_by_rows(

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nreft_engine import importance, ops
-from nreft_engine.linear import default_prepack
+from nreft_engine.linear import default_prepack, log_cpu_linears
 from nreft_engine.models.loader import load_model, model_spec
 from nreft_engine.outputs import GenerationStats, RequestOutput
 from nreft_engine.runner import ModelRunner
@@ -82,6 +82,8 @@ class Engine:
         device = param.device
         if prepack_weights is None:
             prepack_weights = batch_invariant or default_prepack(model, device)
+        if device.type == "cpu":
+            log_cpu_linears(param.dtype, prepack_weights)
         self.runner = ModelRunner(
             model,
             self.spec,

@@ -7,9 +7,11 @@ import logging
 
 import torch
 
-from nreft_engine import ops
+from nreft_engine import ops, tuning
 from nreft_engine.cache import available_memory
-from nreft_engine.kernels.cpu import PackedLinear
+from nreft_engine.kernels import cpu as cpu_kernels
+from nreft_engine.kernels.cpu import PACKED_LINEAR_DTYPES, PackedLinear
+from nreft_engine.models.weights import DecoderWeights
 
 logger = logging.getLogger(__name__)
 
@@ -85,21 +87,43 @@ class FusedLinear:
         return tuple(ops.linear(x, w, b) for w, b in zip(self.sources, self.biases))
 
 
-def training_prepack(model: torch.nn.Module) -> bool | None:
-    """`prepack_weights` for an engine whose weights change every step (a trainer's): False on the CPU, where
-    each rollout would first re-pack every matrix (0.3-0.7 s for the 135M model) and the packed layouts gain
-    nothing at 64 sequences; None (the default) elsewhere, where re-packing is a device copy."""
-    return False if next(model.parameters()).device.type == "cpu" else None
+def training_prepack(model: torch.nn.Module, rows: int, decode_steps: int) -> bool | None:
+    """`prepack_weights` for an engine whose weights change before every rollout (a trainer's). Off the CPU,
+    None (the default: re-packing is a device copy). On the CPU, timed on the model's first MLP (a few ms,
+    logged): pack when what the packed layouts save over a rollout of `decode_steps` steps of `rows`
+    sequences exceeds re-packing them, which every rollout after an update does (it does on an AVX2 EPYC,
+    not on an AMX Xeon)."""
+    param = next(model.parameters())
+    if param.device.type != "cpu":
+        return None
+    if not ops.can_prepack_linear(param.device) or param.dtype not in PACKED_LINEAR_DTYPES:
+        return False
+    layer = DecoderWeights.from_model(model).layers[0]
+    sources = [layer.gate, layer.up]
+    x = torch.randn(max(rows, 1), layer.gate.shape[1], dtype=param.dtype)
+    with torch.no_grad():
+        plain, packed = FusedLinear(sources, prepack=False), FusedLinear(sources, prepack=True)
+        saved = tuning.best_time(lambda: plain(x)) - tuning.best_time(lambda: packed(x))
+        repack = tuning.best_time(lambda: packed.refresh(force=True), repeats=2)
+    pack = decode_steps * saved > repack
+    logger.info(
+        "trainer's engine %s its weights: packed layouts save %.3f ms per MLP matmul at %d rows (x %d decode "
+        "steps), re-packing costs %.3f ms (timed on this CPU)",
+        "packs" if pack else "does not pack", saved * 1e3, rows, decode_steps, repack * 1e3,
+    )
+    return pack
 
 
 def default_prepack(model: torch.nn.Module, device: torch.device) -> bool:
     """Pack where packing helps and the copies fit in half the memory available now: on CUDA the fused
     q/k/v and gate/up copies (one matmul each: decode steps 1.16x faster at batch 64 on an H200), on the
     CPU oneDNN's and the small-batch kernel's layouts of every matrix."""
+    dtype = next(model.parameters()).dtype
     if device.type == "cuda":
-        copies = 1  # of the fused projections only: an over-estimate
+        copies = 1.0  # of the fused projections only: an over-estimate
     elif ops.can_prepack_linear(device):
-        copies = 2
+        # the small-batch copy, and oneDNN's (float32, twice the bytes, for bf16 without native bf16)
+        copies = 1 + cpu_kernels.onednn_dtype(dtype).itemsize / dtype.itemsize
     else:
         return False
     # every matrix, tied ones once (an untied embedding is not packed: a slight over-estimate)
@@ -115,3 +139,22 @@ def default_prepack(model: torch.nn.Module, device: torch.device) -> bool:
         )
         return False
     return True
+
+
+def log_cpu_linears(dtype: torch.dtype, prepack: bool) -> None:
+    """One log line on how an engine's CPU linears run: a warning where bf16 has no native matmul here."""
+    isa = f"kernels {cpu_kernels.isa()}, torch {torch.backends.cpu.get_cpu_capability()}"
+    if dtype != torch.bfloat16 or cpu_kernels.onednn_bf16():
+        layout = "packed (oneDNN and the small-batch kernel)" if prepack else "the model's own weights"
+        logger.info("CPU linears (%s, %s): %s", str(dtype).removeprefix("torch."), isa, layout)
+    elif prepack:
+        logger.warning(
+            "bfloat16 on a CPU without native bf16 matmuls (oneDNN needs AVX-512 BW/VL/DQ, AVX-NE-CONVERT or "
+            "AMX; %s): oneDNN runs on float32 copies of the weights, the small-batch kernel widens the bf16 "
+            "weights (%s)", isa, tuning.describe_small_batch(tuning.small_batch_rows(dtype)),
+        )
+    else:
+        logger.warning(
+            "bfloat16 on a CPU without native bf16 matmuls (oneDNN needs AVX-512 BW/VL/DQ, AVX-NE-CONVERT or "
+            "AMX; %s), weights not packed: every linear runs torch's slow bf16 fallback", isa,
+        )

@@ -25,6 +25,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from nreft_engine import tuning
 from nreft_engine.kernels import activation as activation_kernels
 from nreft_engine.kernels import cpu as cpu_kernels
 from nreft_engine.kernels import paged_attention as paged_attention_kernels
@@ -146,7 +147,9 @@ def prepare_linear_weight(weight: torch.Tensor) -> torch.Tensor | cpu_kernels.Pa
     """`weight` [out, in] in the layout `linear` runs fastest with: the CPU kernels' packed copies (see
     kernels/cpu.py; within `batch_invariant()` the small-batch kernel's only), the weight itself otherwise."""
     if can_prepack_linear(weight.device) and weight.dtype in cpu_kernels.PACKED_LINEAR_DTYPES:
-        return cpu_kernels.pack_linear_weight(weight, onednn=not _batch_invariant.get())
+        if _batch_invariant.get():
+            return cpu_kernels.pack_linear_weight(weight, onednn=False)
+        return cpu_kernels.pack_linear_weight(weight, small_batch_rows=tuning.small_batch_rows(weight.dtype))
     return weight
 
 

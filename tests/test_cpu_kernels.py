@@ -454,20 +454,33 @@ def test_isa_selection():
 # ---------------------------------------- prepacked linear ----------------------------------------
 
 
+@pytest.fixture(params=["native", "widened"])
+def onednn_bf16(request, monkeypatch):
+    """oneDNN's bf16 as this CPU has it, and as a CPU without native bf16 matmuls has it (a float32 copy)."""
+    if request.param == "native" and not cpu.onednn_bf16():
+        pytest.skip("this CPU's oneDNN has no native bf16 (the widened case covers it)")
+    monkeypatch.setattr(cpu, "onednn_bf16", lambda: request.param == "native")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 7, 8, 9, 64, 300])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_matches_f_linear(dtype, rows, bias):
-    """Both layouts (the small-batch kernel up to ROWS16_MAX_ROWS rows, oneDNN beyond), 90 outputs: a partial
-    last block of 16."""
+@pytest.mark.parametrize("small_batch_rows", [0, 8])
+def test_packed_linear_matches_f_linear(dtype, rows, bias, small_batch_rows, onednn_bf16):
+    """Both layouts (the small-batch kernel up to `small_batch_rows`, oneDNN beyond), 90 outputs: a partial
+    last block of 16; bf16 through oneDNN's own bf16 where the CPU has it, else through a float32 copy."""
     gen = torch.Generator().manual_seed(rows)
     weight = (torch.randn(90, 64, generator=gen) / 8).to(dtype)
     b = torch.randn(90, generator=gen).to(dtype) if bias else None
     x = torch.randn(rows, 64, generator=gen).to(dtype)
-    packed = cpu.pack_linear_weight(weight)
+    packed = cpu.pack_linear_weight(weight, small_batch_rows=small_batch_rows)
     assert packed.onednn.is_mkldnn and packed.rows16.shape == (6, 64, 16)
+    widened = dtype == torch.bfloat16 and onednn_bf16 == "widened"
+    assert packed.onednn.dtype == (torch.float32 if widened else dtype)
     out = ops.linear(x, packed, b)
     ref = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
+    assert out.dtype == dtype
     assert_close_rel(out, ref.to(dtype), dtype)
 
 

@@ -118,3 +118,29 @@ def test_default_packs_only_when_the_copies_fit_in_half_the_available_memory(cap
     assert "prepack_weights=True" in caplog.text
     with mock.patch("nreft_engine.linear.available_memory", return_value=0):
         assert Engine(model, kv_cache_memory=1 << 22, prepack_weights=True).runner.prepack_weights is True
+
+
+def test_bf16_without_native_bf16_matmuls_runs_widened_and_says_so(monkeypatch, caplog):
+    """On a CPU whose oneDNN has no bf16 (AVX2), a bf16 engine packs float32 copies for oneDNN, logs one
+    warning naming the path, and its behaviour log-probs are the model's (fp32 recompute of the same bf16
+    weights, within bf16 rounding of the activations)."""
+    from nreft_engine.kernels import cpu as cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "onednn_bf16", lambda: False)
+    model = make_tiny_model("qwen2").to(torch.bfloat16)
+    with caplog.at_level("WARNING", logger="nreft_engine.linear"):
+        engine = Engine(model, kv_cache_memory=1 << 22)
+    assert engine.runner.prepack_weights is True
+    assert caplog.text.count("without native bf16 matmuls") == 1
+    assert "float32 copies" in caplog.text
+    packed = engine.runner.decoder.linears[0].gate_up.weight
+    assert packed.onednn.dtype == torch.float32 and packed.rows16.dtype == torch.bfloat16
+    prompt = [5, 9, 17, 33, 8]
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=12, seed=0, ignore_eos=True)
+    out = engine.generate([prompt, list(range(3, 40))], params)[0]
+    full = model.float()
+    for c in out.outputs:
+        with torch.no_grad():
+            logits = full(torch.tensor([prompt + c.token_ids])).logits[0, len(prompt) - 1 : -1]
+        expected = logits.log_softmax(-1).gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(c.logprobs), expected, rtol=0, atol=0.1)

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "nreft_engine"
-KERNELS = ROOT / "kernels"  # installed as nreft_engine.kernels
+KERNELS = ROOT / "kernels"  # nreft_engine.kernels, through the nreft_engine/kernels link
 LEAVES = (
     "nreft_engine.sampling_params", "nreft_engine.sequence", "nreft_engine.outputs", "nreft_engine.chat"
 )
@@ -130,3 +130,34 @@ def test_modules_and_functions_stay_short():
                     long_functions.append(f"{module}.{node.name}: {length} lines")
     assert not long_files, long_files
     assert not long_functions, long_functions
+
+
+_ROOT_IMPORTS = """
+import importlib.metadata, importlib.util, json, os, sys
+import nreft_engine
+from transformers import AutoModelForCausalLM
+root = os.getcwd()
+names = {n.removesuffix(".py") for n in os.listdir(root) if not n.startswith(".")}
+owned = {name for name in importlib.metadata.packages_distributions() if name in names}
+where = {name: importlib.util.find_spec(name).origin for name in sorted(owned - {"nreft_engine"})}
+print(json.dumps({"sys_path_0": sys.path[0], "shared_names": where}))
+"""
+
+
+def test_the_repository_root_shadows_no_dependency():
+    """Python started at the repository root (pytest, `python -c`, a REPL) puts the root first on sys.path:
+    no name there may hide an installed package of the same import name (transformers needs Hugging Face's
+    `kernels`, whose name the top-level kernels/ folder shares), and transformers must import beside us."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _ROOT_IMPORTS], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found["sys_path_0"] == ""  # the root is on the path, as for any Python started there
+    for name, origin in found["shared_names"].items():
+        assert origin is not None, name  # a namespace portion at the root won over the installed package
+        assert not Path(origin).is_relative_to(ROOT / name) and Path(origin) != ROOT / f"{name}.py", origin
+    assert not (KERNELS / "__init__.py").exists()

@@ -62,7 +62,9 @@ def test_packed_path_has_the_per_group_loss_gradients_and_step(settings):
     old, old_grads, old_weights, old_moved = _update("per-group", settings)
     new, new_grads, new_weights, new_moved = _update("packed", settings)
     assert old["update_micro_batches"] == old["trained_groups"] > new["update_micro_batches"]
-    assert new["loss"] == pytest.approx(old["loss"], rel=1e-5)
+    # the loss sums terms of either sign, so its rounding scales with the terms, not with their small sum (an
+    # AVX2 EPYC's two paths differed by 3.7e-7 on a loss of -0.0369: 1e-5 of it, fp32 rounding of the terms)
+    assert new["loss"] == pytest.approx(old["loss"], rel=1e-5, abs=1e-6)
     assert new["grad_norm"] == pytest.approx(old["grad_norm"], rel=1e-4)
     for key in ("ratio_mean", "ess_fraction", "frac_corrected", "kl_behaviour_target"):
         assert new[key] == pytest.approx(old[key], rel=1e-5, abs=1e-7), key

@@ -8,7 +8,7 @@ reference's rounding, which the kernel then reproduces by sorting most of the ro
 
 The matmuls run as one decode step's worth (30 layers of fused q/k/v, o, fused gate/up, down, and the
 tied lm_head): `F.linear` over the plain weights against `kernels.cpu.linear_packed` over their packed copies
-(the small-batch kernel up to ROWS16_MAX_ROWS rows, oneDNN beyond).
+(the small-batch kernel up to the row count timed as its win on this CPU, oneDNN beyond).
 
 Both variants run in the same process, interleaved round by round (shared machines drift), each round
 timing about 20 ms of calls, and the best round counts. THREADS sets torch's thread count (default 1: the
@@ -26,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from nreft_engine import ops
 from nreft_engine.kernels import cpu
 from nreft_engine.kernels.activation import silu_and_mul_reference
 from nreft_engine.kernels.paged_attention import paged_decode_attention_reference
@@ -110,7 +111,7 @@ def run(dtype: torch.dtype, batch: int, gen: torch.Generator) -> None:
     weights = [
         (torch.randn(o, i, generator=gen) / 32).to(dtype) for o, i in shapes * layers + [(vocab, hidden)]
     ]
-    packed = [cpu.pack_linear_weight(w) for w in weights]
+    packed = [ops.prepare_linear_weight(w) for w in weights]
     inputs = {i: torch.randn(batch, i, generator=gen).to(dtype) for _, i in shapes}
     cases = [  # (name, reference, C++, calls per decode step)
         (

@@ -210,7 +210,10 @@ class NestedGRPOTrainer(GRPOTrainer):
         check_model(model, kwargs.get("peft_config"), skip)
         super().__init__(model, reward_funcs, args, *positional, **kwargs)
         check_model(self.model, None, skip)
-        options = {"prepack_weights": training_prepack(self.model), **(engine_kwargs or {})}
+        options = dict(engine_kwargs or {})
+        if "prepack_weights" not in options:
+            rows = args.per_device_train_batch_size * args.steps_per_generation
+            options["prepack_weights"] = training_prepack(self.model, rows, args.max_completion_length)
         engine = Engine(self.model, **options)
         self.nreft_generation = EngineGeneration(self, engine, skip)
         if not self.vllm_importance_sampling_correction:

@@ -9,9 +9,7 @@ import time
 
 import torch
 
-from nreft_engine import Engine
 from nreft_engine.cli_args import add_model_arguments
-from nreft_engine.linear import training_prepack
 from nreft_engine.models.loader import load_model
 from nreft_engine.train.config import UPDATE_DTYPES, UPDATE_PATHS, TrainConfig
 from nreft_engine.train.corrections import CORRECTIONS, CorrectionConfig
@@ -198,8 +196,7 @@ def run_train(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.model, dtype=torch.float32)
         if tokenizer is None:
             raise ValueError(f"model {args.model!r} has no tokenizer; training needs one (prompts, rewards)")
-        engine = Engine(model, tokenizer, kv_cache_memory=args.kv_cache_memory,
-                        prepack_weights=training_prepack(model))
+        engine = Trainer.make_engine(model, tokenizer, config, args.kv_cache_memory)
         config.skip_policy(args.throughput_skip_ratio, config.seed).num_skipped(engine.num_layers)
         trainer = Trainer(model, tokenizer, task, rewards, accuracy, config, args.output_dir, args.model,
                           engine=engine, run_info=run_info)

@@ -78,8 +78,7 @@ class Trainer:
         self.model, self.tokenizer, self.task, self.config = model, tokenizer, task, config
         self.rewards, self.accuracy_fn = rewards, accuracy_fn
         self.output_dir = output_dir
-        self.engine = engine or Engine(model, tokenizer, kv_cache_memory=kv_cache_memory,
-                                       prepack_weights=training_prepack(model))
+        self.engine = engine or self.make_engine(model, tokenizer, config, kv_cache_memory)
         self.skips = StepSkips(config, self.engine, tokenizer, task)  # checks the skip settings' fit
         self.record = run_record(config, model_name, task, rewards, accuracy_fn, run_info)
         self.fingerprint = model_fingerprint(model, model_name)
@@ -91,6 +90,14 @@ class Trainer:
         self.checkpoint_dir = os.path.join(output_dir, "checkpoints")
         self.checkpoints = CheckpointWriter(config.background_save)
         self.metrics_path = os.path.join(output_dir, "metrics.jsonl")
+
+    @staticmethod
+    def make_engine(model: torch.nn.Module, tokenizer, config: TrainConfig, kv_cache_memory: float) -> Engine:
+        """The rollout engine over `model`'s own parameters, packing its weights where that is measured to
+        pay for the re-pack after each update (training_prepack)."""
+        rows = config.prompts_per_step * config.group_size
+        return Engine(model, tokenizer, kv_cache_memory=kv_cache_memory,
+                      prepack_weights=training_prepack(model, rows, config.max_tokens))
 
     def _lr_factor(self, step: int) -> float:
         """Linear warmup, then cosine decay to 10% of the peak over the run."""
