@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
 
 from nreft_engine import Engine, SamplingParams
-from nreft_engine.bench import chat_workload
+from nreft_engine.bench import chat_workload, cpu_name
 from nreft_engine.kernels import cpu as cpu_kernels
 from nreft_engine.linear import training_prepack
 from nreft_engine.models.loader import DEFAULT_MODEL, load_model
@@ -59,7 +58,7 @@ def main() -> None:
             seconds[prepack].append(rollout_seconds(engine, model, prompts, params))
     best = {prepack: min(values) for prepack, values in seconds.items()}
     result = {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "kernels_isa": cpu_kernels.isa(),
         "torch_isa": torch.backends.cpu.get_cpu_capability(),
         "onednn_bf16": cpu_kernels.onednn_bf16(),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 
 import torch
@@ -29,6 +31,16 @@ QUESTIONS = [
     "What is the difference between weather and climate?",
     "Solve for x: 2x + 6 = 14.",
 ]
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), for results that must name their machine."""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def chat_workload(tokenizer: PreTrainedTokenizerBase, num_prompts: int) -> list[list[int]]:

@@ -48,14 +48,10 @@ def smollm():
 
 def pytest_report_header(config):
     """The CPU and the instruction set each layer of code runs here (capped runs show their caps)."""
-    import platform
-
+    from nreft_engine.bench import cpu_name
     from nreft_engine.kernels import cpu
 
-    name = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    name = cpu_name()
     bf16 = "native" if cpu.onednn_bf16() else "none (float32 copies)"
     return (f"cpu: {name}; nreft kernels {cpu.isa()}, torch {torch.backends.cpu.get_cpu_capability()}, "
             f"oneDNN bf16 {bf16}")
