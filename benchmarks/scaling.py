@@ -47,7 +47,6 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -601,14 +600,11 @@ def main() -> None:
     print()
     for t in verdicts:
         print(f"{'PASS' if t['pass'] else 'MISS'}  {t['target']}: {t['measured']}")
-    machine = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            machine = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M).group(1)
-    except (OSError, AttributeError):
-        pass
     import transformers
 
+    from nreft_engine.bench import cpu_name
+
+    machine = cpu_name()
     meta = {"machine": machine, "threads": torch.get_num_threads(), "model": args.model, "dtype": args.dtype,
             "torch": torch.__version__, "transformers": transformers.__version__, "commit": git_commit(),
             "quick": args.quick, "grid": grid, "seconds": time.perf_counter() - start}

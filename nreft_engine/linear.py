@@ -125,7 +125,7 @@ def default_prepack(model: torch.nn.Module, device: torch.device) -> bool:
     CPU oneDNN's and the small-batch kernel's layouts of every matrix."""
     dtype = next(model.parameters()).dtype
     if device.type == "cuda":
-        copies = 1.0  # of the fused projections only: an over-estimate
+        copies = 1  # of the fused projections only: an over-estimate
     elif ops.can_prepack_linear(device):
         # the small-batch copy, and oneDNN's (float32, twice the bytes, for bf16 without native bf16)
         copies = 1 + cpu_kernels.onednn_dtype(dtype).itemsize / dtype.itemsize
@@ -152,14 +152,11 @@ def log_cpu_linears(dtype: torch.dtype, prepack: bool) -> None:
     if dtype != torch.bfloat16 or cpu_kernels.onednn_bf16():
         layout = "packed (oneDNN and the small-batch kernel)" if prepack else "the model's own weights"
         logger.info("CPU linears (%s, %s): %s", str(dtype).removeprefix("torch."), isa, layout)
-    elif prepack:
-        logger.warning(
-            "bfloat16 on a CPU without native bf16 matmuls (oneDNN needs AVX-512 BW/VL/DQ, AVX-NE-CONVERT or "
-            "AMX; %s): oneDNN runs on float32 copies of the weights, the small-batch kernel widens the bf16 "
-            "weights (%s)", isa, tuning.describe_small_batch(tuning.small_batch_rows(dtype)),
-        )
     else:
-        logger.warning(
-            "bfloat16 on a CPU without native bf16 matmuls (oneDNN needs AVX-512 BW/VL/DQ, AVX-NE-CONVERT or "
-            "AMX; %s), weights not packed: every linear runs torch's slow bf16 fallback", isa,
+        path = (
+            "oneDNN runs on float32 copies of the weights, the small-batch kernel widens the bf16 weights "
+            f"({tuning.describe_small_batch(tuning.small_batch_rows(dtype))})"
+            if prepack else "weights not packed: every linear runs torch's slow bf16 fallback"
         )
+        logger.warning("bfloat16 on a CPU without native bf16 matmuls (oneDNN needs AVX-512 BW/VL/DQ, "
+                       "AVX-NE-CONVERT or AMX; %s): %s", isa, path)
